@@ -1,0 +1,159 @@
+"""Colour sets and histograms of uint8 RGB or RGBA pixels, on any device.
+
+A colour set is an image's distinct colours with their pixel counts: k-means on it,
+weighted by the counts, is exactly k-means on all pixels, at a fraction of the cost.
+Pixels are handled as packed int32 keys, one per pixel.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .reduce import FixedPointSums
+
+__all__ = ["ColorSet", "bin_colors", "color_set", "lookup", "pack", "unpack"]
+
+_N_RGB_KEYS = 1 << 24
+
+
+def pack(pixels: torch.Tensor) -> torch.Tensor:
+    """Pack uint8 pixels (..., C), C = 3 (RGB) or 4 (RGBA), into int32 keys (...).
+
+    The key holds channel ``i`` in bits ``8i..8i+7``, so RGB keys are in [0, 2**24).
+    On little-endian hosts this is the pixel's bytes read as one int32 (RGB padded
+    with a zero byte): one copy instead of a shift per channel.
+    """
+    if pixels.dtype != torch.uint8 or pixels.ndim < 1 or pixels.shape[-1] not in (3, 4):
+        raise ValueError(f"expected uint8 pixels (..., 3) or (..., 4), got {pixels.dtype} {tuple(pixels.shape)}")
+    channels = pixels.shape[-1]
+    flat = pixels.reshape(-1, channels)
+    if sys.byteorder == "little":
+        padded = torch.nn.functional.pad(flat, (0, 1)) if channels == 3 else flat.contiguous()
+        keys = padded.view(torch.int32)
+    else:  # pragma: no cover - no big-endian CI
+        wide = flat.long()
+        keys = sum(wide[:, i] << (8 * i) for i in range(channels)).to(torch.int32)
+    return keys.reshape(pixels.shape[:-1])
+
+
+def unpack(keys: torch.Tensor, channels: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: int32 keys (...) -> uint8 pixels (..., channels)."""
+    wide = keys.long()
+    return torch.stack([(wide >> (8 * i)) & 255 for i in range(channels)], dim=-1).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class ColorSet:
+    """Distinct colours of an image and how many pixels have each.
+
+    Attributes:
+        keys: (M,) int32 packed colours, ascending.
+        counts: (M,) int64 pixel counts, all positive.
+        channels: 3 for RGB, 4 for RGBA.
+    """
+
+    keys: torch.Tensor
+    counts: torch.Tensor
+    channels: int = 3
+
+    @property
+    def colors(self) -> torch.Tensor:
+        """(M, channels) uint8."""
+        return unpack(self.keys, self.channels)
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+
+class _Workspace(threading.local):
+    """Per-thread dense tables over all 2**24 RGB colours.
+
+    Allocating 64 MB costs more in page faults than the histogram itself, so each
+    thread keeps its tables per device; the counting table is zeroed after each use.
+    """
+
+    def __init__(self) -> None:
+        self.tables: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def table(self, purpose: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (purpose, device, dtype)
+        if key not in self.tables:
+            self.tables[key] = torch.zeros(_N_RGB_KEYS, dtype=dtype, device=device)
+        return self.tables[key]
+
+
+_WORKSPACE = _Workspace()
+
+# Below this many RGB pixels, sorting the keys beats scanning the dense table.
+_DENSE_MIN_PIXELS = 1 << 20
+
+
+def color_set(keys: torch.Tensor, channels: int = 3) -> ColorSet:
+    """Exact histogram of packed pixels (from :func:`pack`), on their device.
+
+    Small images and RGBA sort their keys; large RGB images count into a dense 2**24
+    table with integer ``index_add_`` (exact on CUDA too: integer atomics commute).
+    """
+    flat = keys.reshape(-1)
+    if channels == 4 or flat.numel() < _DENSE_MIN_PIXELS:
+        uniq, counts = torch.unique_consecutive(torch.sort(flat)[0], return_counts=True)
+        return ColorSet(uniq, counts.long(), channels)
+    table = _WORKSPACE.table("counts", flat.device, torch.int32)
+    table.index_add_(0, flat, torch.ones(1, dtype=torch.int32, device=flat.device).expand(flat.shape[0]))
+    # Scan the table as int64 words (half the elements), then split the hits.
+    words = table.view(torch.int64).nonzero().squeeze(1)
+    present = torch.stack([2 * words, 2 * words + 1], dim=1).reshape(-1)
+    present = present[table.index_select(0, present) != 0]
+    counts = table.index_select(0, present).long()
+    table.index_fill_(0, present, 0)
+    return ColorSet(present.to(torch.int32), counts, channels)
+
+
+def lookup(cs: ColorSet, values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Per-pixel value of each pixel's colour.
+
+    Args:
+        cs: the colour set the pixels came from.
+        values: (M,) uint8 or int32, one value per colour of ``cs``.
+        keys: (...) packed pixels; every key must belong to ``cs``.
+
+    Returns:
+        A tensor shaped like ``keys`` with the dtype of ``values``.
+    """
+    if cs.channels == 4:
+        return values[torch.searchsorted(cs.keys, keys.reshape(-1))].reshape(keys.shape)
+    # Entries of other colours are stale but never read: every key belongs to cs.
+    table = _WORKSPACE.table("lookup", keys.device, values.dtype)
+    table[cs.keys.long()] = values
+    return table.index_select(0, keys.reshape(-1)).reshape(keys.shape)
+
+
+def bin_colors(
+    colors: torch.Tensor, counts: torch.Tensor, points: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge weighted colours into a histogram with ``bits`` bits per channel.
+
+    Args:
+        colors: (M, C) uint8 distinct colours.
+        counts: (M,) int64 pixel counts.
+        points: (M, D) float32, the colours in the space k-means works in.
+        bits: 1..8 bits per channel of the uint8 colours.
+
+    Returns:
+        Each occupied bin's weighted mean point (Q, D) float32, its pixel count (Q,)
+        int64, and the bin of every colour (M,) int64. The means are exact and
+        device-independent (fixed-point sums).
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    coarse = colors.long() >> (8 - bits)
+    bin_key = sum(coarse[:, i] << (bits * i) for i in range(colors.shape[1]))
+    uniq, inverse = torch.unique(bin_key, return_inverse=True)
+    n_bins = uniq.shape[0]
+    bin_counts = torch.zeros(n_bins, dtype=torch.long, device=colors.device).index_add_(0, inverse, counts)
+    means, _ = FixedPointSums(points[None], counts[None].double()).means(inverse[None], n_bins)
+    return means[0].float(), bin_counts, inverse

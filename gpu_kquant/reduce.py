@@ -1,0 +1,44 @@
+"""Deterministic weighted segment sums and means, identical on every device."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["FixedPointSums"]
+
+
+class FixedPointSums:
+    """Order-independent weighted cluster sums.
+
+    Weighted coordinates are converted once to int64 fixed point with a per-problem
+    power-of-two scale chosen so no sum can overflow. Integer ``index_add_`` is exact
+    and associative, so the update is bit-identical whatever order CUDA's atomics run
+    in, and identical between devices.
+    """
+
+    def __init__(self, points: torch.Tensor, weights: torch.Tensor) -> None:
+        w64 = weights.double()
+        xw = points.double() * w64[..., None]
+        bound_x = xw.abs().amax(-1).sum(1).clamp_min(1e-300)
+        bound_w = w64.sum(1).clamp_min(1e-300)
+        # Power-of-two scales keep every cluster sum below 2**61 (no int64 overflow).
+        self.scale_x = torch.exp2(torch.floor(61 - torch.log2(bound_x)).clamp(-1000, 1000))
+        self.scale_w = torch.exp2(torch.floor(61 - torch.log2(bound_w)).clamp(-1000, 1000))
+        self.qx = torch.round(xw * self.scale_x[:, None, None]).long()
+        self.qw = torch.round(w64 * self.scale_w[:, None]).long()
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.qx, self.qw = self.qx[keep], self.qw[keep]
+        self.scale_x, self.scale_w = self.scale_x[keep], self.scale_w[keep]
+
+    def means(self, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted means (B, k, D) float64 (NaN for empty clusters) and weights (B, k)."""
+        b, _, d = self.qx.shape
+        flat = (labels + torch.arange(b, device=labels.device)[:, None] * k).reshape(-1)
+        sums = torch.zeros((b * k, d), dtype=torch.long, device=labels.device)
+        sums.index_add_(0, flat, self.qx.reshape(-1, d))
+        mass = torch.zeros(b * k, dtype=torch.long, device=labels.device)
+        mass.index_add_(0, flat, self.qw.reshape(-1))
+        sums_f = sums.view(b, k, d).double() / self.scale_x[:, None, None]
+        mass_f = mass.view(b, k).double() / self.scale_w[:, None]
+        return sums_f / mass_f[..., None], mass_f
