@@ -1,0 +1,5 @@
+"""``python -m gpu_kquant``: the command line."""
+
+from .cli import main
+
+raise SystemExit(main())

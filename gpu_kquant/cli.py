@@ -1,0 +1,184 @@
+"""Command line: ``python -m gpu_kquant INPUT... -k 16`` (also the ``gpu-kquant`` script).
+
+Exit codes: 0 when every input succeeded or was skipped, 1 when some failed, 2 for a
+usage error, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from importlib import resources
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from . import __version__
+from .device import resolve_device
+from .io import FORMATS
+from .pipeline import Config, execute, prepare
+from .quantize import SPACES
+
+__all__ = ["build_parser", "main"]
+
+DEMO_OUT = Path("gpu_kquant_demo")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 0/4, got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"shard index must be in 0..N-1 and N >= 1, got {text!r}")
+    return index, count
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; ``--help`` documents every flag with its default."""
+    parser = argparse.ArgumentParser(
+        prog="gpu-kquant",
+        description=(
+            "Quantize every image under INPUT to k colours with k-means (CUDA when present, else CPU) "
+            "and write palette images into a mirrored folder tree, with a per-file report."
+        ),
+        epilog=(
+            "Outputs go to a sibling folder DIR_k<k> unless -o is given; existing outputs are skipped, so "
+            "rerunning a command resumes it. Exit codes: 0 all done, 1 some inputs failed, 2 usage error, "
+            "130 interrupted."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image files and/or folders (walked recursively)")
+    parser.add_argument(
+        "-k", "--colors", dest="k", type=int, default=16, help="palette size: 2..256, up to 65536 for npz"
+    )
+    parser.add_argument(
+        "-o", "--out", type=Path, default=None, help="output folder (default: DIR_k<k> beside each input folder)"
+    )
+    parser.add_argument(
+        "--format", choices=FORMATS, default="png", help="output format; npz holds indices and palette arrays"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=None,
+        help="images per batched k-means (default: 16 on CUDA, 4 on the CPU)",
+    )
+    parser.add_argument(
+        "--workers", type=_positive, default=max(1, os.cpu_count() or 1), help="decode and encode threads each"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="redo inputs whose output already exists")
+    parser.add_argument(
+        "--report", type=Path, default=None, help="JSON-lines report (default: OUT/gpu_kquant_report.jsonl)"
+    )
+    parser.add_argument(
+        "--shard", type=_shard, default=(0, 1), metavar="I/N", help="process only shard I of N (0-based)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--compress-level",
+        type=int,
+        choices=range(10),
+        default=None,
+        metavar="0-9",
+        help="zlib level for PNG (default: 9 up to 8 colours, else 6, as measured)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=_positive,
+        default=Image.MAX_IMAGE_PIXELS,
+        help="reject larger images with a clear reason (default: Pillow's decompression-bomb limit)",
+    )
+    parser.add_argument("--space", choices=SPACES, default="rgb", help="colour space of the fit and the mapping")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: same seed and device, same output")
+    parser.add_argument("--demo", action="store_true", help=f"quantize the bundled sample photos into ./{DEMO_OUT}/")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
+    inputs = [Path(p) for p in args.inputs]
+    if args.demo:
+        inputs = [Path(str(resources.files("gpu_kquant") / "samples"))]
+        args.out = args.out or DEMO_OUT
+    if not inputs:
+        parser.error("give at least one INPUT folder or file (or --demo)")
+    for path in inputs:
+        if not path.exists():
+            parser.error(f"input not found: {path}")
+    top = 1 << 16 if args.format == "npz" else 256
+    if not 2 <= args.k <= top:
+        parser.error(f"-k must be between 2 and {top} for --format {args.format}, got {args.k}")
+    try:
+        device = str(resolve_device(args.device))
+    except ValueError as exc:
+        parser.error(str(exc))
+    return Config(
+        inputs=inputs,
+        k=args.k,
+        out=args.out,
+        fmt=args.format,
+        device=device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        report=args.report,
+        shard=args.shard,
+        quiet=args.quiet,
+        compress_level=args.compress_level,
+        max_pixels=args.max_pixels,
+        seed=args.seed,
+        space=args.space,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = _config(args, parser)
+    # The pipeline enforces --max-pixels itself with a clear per-file reason.
+    Image.MAX_IMAGE_PIXELS = max(args.max_pixels, Image.MAX_IMAGE_PIXELS or 0)
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    try:
+        try:
+            job = prepare(config)
+        except ValueError as exc:
+            parser.error(str(exc))
+        with tqdm(total=len(job.tasks), unit="img", disable=config.quiet, file=sys.stderr, dynamic_ncols=True) as bar:
+            pixels = [0]
+
+            def progress(images: int, px: int) -> None:
+                pixels[0] += px
+                elapsed = bar.format_dict["elapsed"] or 1e-9
+                bar.set_postfix_str(f"{pixels[0] / 1e6 / elapsed:.1f} MP/s", refresh=False)
+                bar.update(images)
+
+            summary = execute(job, config, progress)
+    except KeyboardInterrupt:
+        print("gpu_kquant: interrupted before any work started", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    for line in summary.lines():
+        print(line, file=sys.stderr)
+    print(f"  report: {job.report}", file=sys.stderr)
+    if args.demo:
+        print(f"Demo outputs are in {config.out.resolve()}/", file=sys.stderr)
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if summary.failed else EXIT_OK

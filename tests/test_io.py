@@ -1,0 +1,213 @@
+"""Tests of decoding every kind of input and of the palette encoders."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from common_utils import linear_rgb_icc, photo
+from PIL import Image, ImageCms
+
+from gpu_kquant.io import DecodeError, encode, encode_png, load_image, write_atomic
+
+
+def save(img: Image.Image, path: Path, fmt: str | None = None, **options: object) -> Path:
+    img.save(path, fmt, **options)
+    return path
+
+
+@pytest.fixture
+def rgb() -> Image.Image:
+    return Image.fromarray(photo("chelsea")[:60, :80])
+
+
+def test_rgb_png_and_jpeg(tmp_path: Path, rgb: Image.Image) -> None:
+    d = load_image(save(rgb, tmp_path / "a.png"))
+    np.testing.assert_array_equal(d.pixels, np.asarray(rgb))
+    assert d.notes == []
+    jpg = load_image(save(rgb, tmp_path / "a.jpg", quality=95))
+    assert jpg.pixels.shape == (60, 80, 3)
+
+
+@pytest.mark.parametrize("mode", ["L", "1", "P", "CMYK", "YCbCr"])
+def test_opaque_modes_become_rgb(tmp_path: Path, rgb: Image.Image, mode: str) -> None:
+    img = rgb.convert(mode)
+    fmt = "JPEG" if mode in ("CMYK", "YCbCr") else "PNG"
+    d = load_image(save(img, tmp_path / f"a.{fmt.lower()}", fmt))
+    assert d.pixels.shape == (60, 80, 3) and d.pixels.dtype == np.uint8
+    if mode == "L":
+        np.testing.assert_array_equal(d.pixels[..., 0], np.asarray(img))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA"])
+def test_transparent_modes_keep_alpha(tmp_path: Path, rgb: Image.Image, mode: str) -> None:
+    rgba = rgb.convert("RGBA")
+    alpha = np.zeros((60, 80), np.uint8)
+    alpha[:, 40:] = 255
+    alpha[:, 30:40] = 128
+    rgba.putalpha(Image.fromarray(alpha))
+    img = rgba.convert(mode) if mode != "PA" else rgba.convert("RGB").convert("P").convert("PA")
+    if mode == "PA":
+        img.putalpha(Image.fromarray(alpha))
+        img = img.convert("RGBA")
+    d = load_image(save(img, tmp_path / "a.png"))
+    assert d.pixels.shape == (60, 80, 4)
+    np.testing.assert_array_equal(d.pixels[..., 3], alpha)
+
+
+def test_palette_with_transparency_index(tmp_path: Path, rgb: Image.Image) -> None:
+    p = rgb.quantize(8)
+    d = load_image(save(p, tmp_path / "a.png", transparency=0))
+    assert d.pixels.shape[2] == 4
+    np.testing.assert_array_equal(d.pixels[..., 3] == 0, np.asarray(p) == 0)
+
+
+def test_opaque_rgba_is_rgb(tmp_path: Path, rgb: Image.Image) -> None:
+    d = load_image(save(rgb.convert("RGBA"), tmp_path / "a.png"))
+    assert d.pixels.shape == (60, 80, 3)
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path: Path) -> None:
+    ramp = (np.arange(256 * 4, dtype=np.uint16).reshape(16, 64) * 64).astype(np.uint16)
+    d = load_image(save(Image.fromarray(ramp), tmp_path / "a.png"))
+    expected = np.round(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    np.testing.assert_array_equal(d.pixels[..., 0], expected)
+    assert "16-bit reduced to 8-bit" in d.notes
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    img = Image.new("RGB", (40, 20), "red")
+    img.paste((0, 0, 255), (0, 0, 10, 20))  # blue stripe on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    d = load_image(save(img, tmp_path / "a.jpg", exif=exif, quality=100))
+    assert d.pixels.shape == (40, 20, 3)
+    assert d.pixels[2, 10, 2] > 200  # the stripe is now on top
+    assert any("EXIF orientation 6" in n for n in d.notes)
+
+
+def test_icc_profile_is_converted_to_srgb(tmp_path: Path) -> None:
+    img = Image.new("RGB", (8, 8), (128, 128, 128))
+    d = load_image(save(img, tmp_path / "a.png", icc_profile=linear_rgb_icc()))
+    assert abs(int(d.pixels[0, 0, 0]) - 188) <= 1  # linear 0.5 is sRGB 188
+    assert "ICC profile converted to sRGB" in d.notes
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    same = load_image(save(img, tmp_path / "b.png", icc_profile=srgb))
+    assert int(same.pixels[0, 0, 0]) == 128 and same.notes == []
+
+
+def test_animation_takes_the_first_frame(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (10, 10), c) for c in ("red", "green", "blue")]
+    path = tmp_path / "a.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100)
+    d = load_image(path)
+    assert tuple(d.pixels[0, 0]) == (255, 0, 0)
+    assert "first frame only (of 3)" in d.notes
+
+
+def test_wrong_extension_is_decoded_by_content(tmp_path: Path, rgb: Image.Image) -> None:
+    d = load_image(save(rgb, tmp_path / "a.jpg", "PNG"))
+    np.testing.assert_array_equal(d.pixels, np.asarray(rgb))
+    assert any("content is PNG" in n for n in d.notes)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "empty file"),
+        (b"this is not an image at all" * 10, "not a recognised image format"),
+    ],
+)
+def test_bad_files_give_one_line_reasons(tmp_path: Path, content: bytes, reason: str) -> None:
+    path = tmp_path / "bad.png"
+    path.write_bytes(content)
+    with pytest.raises(DecodeError, match=reason) as info:
+        load_image(path)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_files(tmp_path: Path, rgb: Image.Image) -> None:
+    for fmt in ("PNG", "JPEG"):
+        buf = io.BytesIO()
+        rgb.save(buf, fmt)
+        path = tmp_path / f"cut.{fmt.lower()}"
+        path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+        with pytest.raises(DecodeError, match="truncated or corrupt"):
+            load_image(path)
+
+
+def test_missing_file_and_pixel_limit(tmp_path: Path, rgb: Image.Image) -> None:
+    with pytest.raises(DecodeError, match="cannot read file"):
+        load_image(tmp_path / "nope.png")
+    path = save(rgb, tmp_path / "a.png")
+    with pytest.raises(DecodeError, match="above the limit of 100"):
+        load_image(path, max_pixels=100)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 9, 16, 17, 256])
+def test_png_round_trip_with_minimal_depth(n: int) -> None:
+    rng = np.random.default_rng(n)
+    palette = rng.integers(0, 256, (n, 3), dtype=np.uint8)
+    indices = rng.integers(0, n, (31, 45)).astype(np.uint8)
+    data = encode_png(palette, indices)
+    img = Image.open(io.BytesIO(data))
+    assert img.mode == "P"
+    expected_bits = 1 if n <= 2 else 2 if n <= 4 else 4 if n <= 16 else 8
+    assert data[24] == expected_bits  # IHDR bit depth
+    np.testing.assert_array_equal(np.asarray(img.convert("RGB")), palette[indices])
+
+
+def test_png_transparency_chunk_is_short() -> None:
+    palette = np.array([[0, 0, 0, 0], [9, 9, 9, 100], [1, 2, 3, 255], [4, 5, 6, 255]], np.uint8)
+    indices = np.array([[0, 1, 2, 3]], np.uint8)
+    data = encode_png(palette, indices)
+    trns = data.index(b"tRNS")
+    assert int.from_bytes(data[trns - 4 : trns], "big") == 2  # stops after the last translucent entry
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGBA")), palette[indices])
+
+
+def test_png_is_smaller_than_pillows_adaptive_filtering() -> None:
+    from gpu_kquant import quantize
+
+    q = quantize(photo("astronaut"), 64)
+    buf = io.BytesIO()
+    q.to_pil().save(buf, "PNG", compress_level=6)
+    assert len(encode_png(q.palette, q.indices, 6)) < len(buf.getvalue())
+
+
+@pytest.mark.parametrize("fmt", ["gif", "webp", "npz"])
+def test_other_formats_round_trip(fmt: str) -> None:
+    rng = np.random.default_rng(0)
+    palette = rng.integers(0, 256, (12, 3), dtype=np.uint8)
+    indices = rng.integers(0, 12, (20, 30)).astype(np.uint8)
+    data, notes = encode(fmt, palette, indices)
+    if fmt == "npz":
+        arrays = np.load(io.BytesIO(data))
+        np.testing.assert_array_equal(arrays["indices"], indices)
+        np.testing.assert_array_equal(arrays["palette"], palette)
+    else:
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), palette[indices])
+    assert notes == []
+
+
+def test_gif_and_webp_keep_transparency() -> None:
+    palette = np.array([[0, 0, 0, 0], [200, 10, 10, 255], [10, 200, 10, 128]], np.uint8)
+    indices = np.array([[0, 1, 2, 1]], np.uint8)
+    webp, _ = encode("webp", palette, indices)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(webp)).convert("RGBA")), palette[indices])
+    gif, notes = encode("gif", palette, indices)
+    assert np.asarray(Image.open(io.BytesIO(gif)).convert("RGBA"))[0, 0, 3] == 0
+    assert any("partial alpha" in n for n in notes)
+
+
+def test_write_atomic_leaves_no_temp_and_usual_permissions(tmp_path: Path) -> None:
+    dest = tmp_path / "sub" / "out.bin"
+    write_atomic(dest, b"abc")
+    assert dest.read_bytes() == b"abc"
+    assert [p.name for p in dest.parent.iterdir()] == ["out.bin"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~umask
