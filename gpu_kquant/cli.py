@@ -107,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--space", choices=SPACES, default="rgb", help="colour space of the fit and the mapping")
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed and device, same output")
+    parser.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local threads, or a Ray cluster (needs the 'ray' extra)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="Ray cluster to join with --engine ray (default: start a local Ray)",
+    )
     parser.add_argument("--demo", action="store_true", help=f"quantize the bundled sample photos into ./{DEMO_OUT}/")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
@@ -170,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix_str(f"{pixels[0] / 1e6 / elapsed:.1f} MP/s", refresh=False)
                 bar.update(images)
 
-            summary = execute(job, config, progress)
+            if args.engine == "ray":
+                from .ray import run_job  # optional dependency, imported only when asked for
+
+                summary = run_job(job, config, address=args.ray_address, progress=progress)
+            else:
+                summary = execute(job, config, progress)
     except KeyboardInterrupt:
         print("gpu_kquant: interrupted before any work started", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -171,8 +171,8 @@ def _remove_stale_temps(roots: list[Path]) -> None:
 
 
 @dataclass
-class _Item:
-    """An image travelling through the pipeline."""
+class Item:
+    """A decoded image travelling through the pipeline."""
 
     task: Task
     decoded: Decoded
@@ -180,12 +180,89 @@ class _Item:
     seconds: float
 
 
+# -- per-item stages, shared by the local pipeline and the Ray engine ------------------
+
+
+def precheck(task: Task, config: Config, inputs: set[Path]) -> Row | None:
+    """The row for a task that needs no work (output exists) or must not run, else None."""
+    if task.dst.resolve() in inputs:
+        return failed_row(task, config, "output path is an input file; choose another -o or --format")
+    if task.dst.exists() and not config.overwrite:
+        return Row(str(task.src), str(task.dst), "skipped", reason="output exists", k=config.k)
+    return None
+
+
+def failed_row(task: Task, config: Config, reason: str, **extra: object) -> Row:
+    """A failed row with a one-line reason."""
+    return Row(str(task.src), str(task.dst), "failed", reason=reason, k=config.k, **extra)
+
+
+def decode_task(task: Task, config: Config) -> Item:
+    """Decode one input; raises :class:`DecodeError` with the reason."""
+    t0 = time.perf_counter()
+    decoded = load_image(task.src, max_pixels=config.max_pixels)
+    return Item(task, decoded, task.src.stat().st_size, time.perf_counter() - t0)
+
+
+def quantize_items(items: list[Item], config: Config, device: torch.device) -> list[Quantized | Exception]:
+    """One batched quantization; a failing batch is retried image by image.
+
+    Each item's ``seconds`` grows by its pixel share of the batch time.
+    """
+    t0 = time.perf_counter()
+    options = {"space": config.space, "seed": config.seed, **config.quantize_options}
+    pixels = [item.decoded.pixels for item in items]
+    try:
+        results: list[Quantized | Exception] = list(quantize_batch(pixels, config.k, device=device, **options))
+    except Exception:
+        results = []
+        for px in pixels:
+            try:
+                results.append(quantize_batch([px], config.k, device=device, **options)[0])
+            except Exception as exc:
+                results.append(exc)
+    seconds = time.perf_counter() - t0
+    total = sum(px.shape[0] * px.shape[1] for px in pixels) or 1
+    for item, px in zip(items, pixels):
+        item.seconds += seconds * px.shape[0] * px.shape[1] / total
+    return results
+
+
+def encode_item(item: Item, result: Quantized | Exception, config: Config) -> Row:
+    """Encode and atomically write one output; returns its report row."""
+    task = item.task
+    h, w = item.decoded.pixels.shape[:2]
+    if isinstance(result, Exception):
+        return failed_row(task, config, f"quantization failed: {result}", width=w, height=h)
+    t0 = time.perf_counter()
+    try:
+        data, notes = encode(config.fmt, result.palette, result.indices, compress_level=config.compress_level)
+        write_atomic(task.dst, data)
+    except Exception as exc:
+        return failed_row(task, config, f"cannot write output: {exc}", width=w, height=h)
+    return Row(
+        str(task.src),
+        str(task.dst),
+        "ok",
+        width=w,
+        height=h,
+        k=config.k,
+        colors=result.n_colors,
+        input_bytes=item.input_bytes,
+        output_bytes=len(data),
+        mse=round(result.mse, 4),
+        psnr=round(result.psnr, 3),
+        seconds=round(item.seconds + time.perf_counter() - t0, 4),
+        notes=item.decoded.notes + notes,
+    )
+
+
 class _Stop(Exception):
     """Raised in the main thread by SIGTERM so that it stops like Ctrl-C."""
 
 
 class Pipeline:
-    """One run over a list of tasks; :meth:`run` returns the summary.
+    """One run over a list of tasks on this machine; :meth:`run` returns the summary.
 
     Threads: ``workers`` decoders, ``workers`` encoders and the quantizers: one on
     CUDA; on the CPU one per core, each with a single torch thread. (Multi-threaded
@@ -207,9 +284,13 @@ class Pipeline:
         # Big batches feed a GPU; on the CPU small ones keep every quantizer busy.
         self.batch_size = config.batch_size or (16 if self.device.type == "cuda" else 4)
 
-    def _stage(self, name: str, seconds: float) -> None:
-        with self._stage_lock:
-            self.summary.stage_seconds[name] += seconds
+    def _timed(self, stage: str, fn: Callable, *args: object) -> object:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            with self._stage_lock:
+                self.summary.stage_seconds[stage] += time.perf_counter() - t0
 
     def _emit(self, row: Row) -> None:
         assert self.report is not None
@@ -217,91 +298,24 @@ class Pipeline:
         if self._progress is not None:
             self._progress(1, (row.width or 0) * (row.height or 0) if row.status == "ok" else 0)
 
-    def _fail(self, task: Task, reason: str, **extra: object) -> None:
-        self._emit(Row(str(task.src), str(task.dst), "failed", reason=reason, k=self.config.k, **extra))
-
-    # -- stages -------------------------------------------------------------------
-
-    def _decode(self, task: Task) -> _Item:
-        t0 = time.perf_counter()
-        size = task.src.stat().st_size if task.src.exists() else 0
-        decoded = load_image(task.src, max_pixels=self.config.max_pixels)
-        seconds = time.perf_counter() - t0
-        self._stage("decode", seconds)
-        return _Item(task, decoded, size, seconds)
-
-    def _quantize(self, batch: list[_Item]) -> list[Quantized | Exception]:
-        t0 = time.perf_counter()
-        options = {"space": self.config.space, "seed": self.config.seed, **self.config.quantize_options}
-        pixels = [item.decoded.pixels for item in batch]
+    def _encode(self, item: Item, result: Quantized | Exception) -> None:
         try:
-            results: list[Quantized | Exception] = list(
-                quantize_batch(pixels, self.config.k, device=self.device, **options)
-            )
-        except Exception:
-            results = []
-            for px in pixels:
-                try:
-                    results.append(quantize_batch([px], self.config.k, device=self.device, **options)[0])
-                except Exception as exc:
-                    results.append(exc)
-        seconds = time.perf_counter() - t0
-        self._stage("quantize", seconds)
-        total = sum(px.shape[0] * px.shape[1] for px in pixels) or 1
-        for item, px in zip(batch, pixels):
-            item.seconds += seconds * px.shape[0] * px.shape[1] / total
-        return results
-
-    def _encode(self, item: _Item, q: Quantized) -> None:
-        try:
-            t0 = time.perf_counter()
-            task, cfg = item.task, self.config
-            h, w = q.indices.shape
-            try:
-                data, notes = encode(cfg.fmt, q.palette, q.indices, compress_level=cfg.compress_level)
-                write_atomic(task.dst, data)
-            except Exception as exc:
-                self._fail(task, f"cannot write output: {exc}", width=w, height=h)
-                return
-            seconds = time.perf_counter() - t0
-            self._stage("encode", seconds)
-            self._emit(
-                Row(
-                    str(task.src),
-                    str(task.dst),
-                    "ok",
-                    width=w,
-                    height=h,
-                    k=cfg.k,
-                    colors=q.n_colors,
-                    input_bytes=item.input_bytes,
-                    output_bytes=len(data),
-                    mse=round(q.mse, 4),
-                    psnr=round(q.psnr, 3),
-                    seconds=round(item.seconds + seconds, 4),
-                    notes=item.decoded.notes + notes,
-                )
-            )
+            self._emit(self._timed("encode", encode_item, item, result, self.config))
         finally:
             self._encode_slots.release()
 
-    def _process(self, batch: list[_Item], encoders: ThreadPoolExecutor) -> None:
+    def _process(self, batch: list[Item], encoders: ThreadPoolExecutor) -> None:
         """Quantize one batch and queue its encodes (runs on a quantizer thread)."""
-        for item, result in zip(batch, self._quantize(batch)):
+        results = self._timed("quantize", quantize_items, batch, self.config, self.device)
+        for item, result in zip(batch, results):
             if self._stop.is_set():
                 return
-            if isinstance(result, Exception):
-                h, w = item.decoded.pixels.shape[:2]
-                self._fail(item.task, f"quantization failed: {result}", width=w, height=h)
-                continue
             self._encode_slots.acquire()
             try:
                 encoders.submit(self._encode, item, result)
             except RuntimeError:  # the pool shut down after an interrupt
                 self._encode_slots.release()
                 return
-
-    # -- orchestration ------------------------------------------------------------
 
     def run(self, tasks: list[Task]) -> Summary:
         """Process ``tasks``; Ctrl-C (or SIGTERM) stops early and still returns the summary.
@@ -320,7 +334,7 @@ class Pipeline:
         encoders = ThreadPoolExecutor(cfg.workers, thread_name_prefix="encode")
         decoding: collections.deque[tuple[Task, Future]] = collections.deque()
         batches: collections.deque[Future] = collections.deque()
-        batch: list[_Item] = []
+        batch: list[Item] = []
         previous = _install_sigterm()
 
         def flush() -> None:
@@ -334,10 +348,10 @@ class Pipeline:
             try:
                 batch.append(future.result())
             except DecodeError as exc:
-                self._fail(task, str(exc))
+                self._emit(failed_row(task, cfg, str(exc)))
                 return
             except Exception as exc:
-                self._fail(task, f"cannot decode: {type(exc).__name__}: {exc}")
+                self._emit(failed_row(task, cfg, f"cannot decode: {type(exc).__name__}: {exc}"))
                 return
             pixels = sum(i.decoded.pixels.shape[0] * i.decoded.pixels.shape[1] for i in batch)
             if len(batch) >= self.batch_size or pixels >= cfg.batch_pixels:
@@ -345,13 +359,11 @@ class Pipeline:
 
         try:
             for task in tasks:
-                if task.dst.resolve() in inputs:
-                    self._fail(task, "output path is an input file; choose another -o or --format")
+                row = precheck(task, cfg, inputs)
+                if row is not None:
+                    self._emit(row)
                     continue
-                if task.dst.exists() and not cfg.overwrite:
-                    self._emit(Row(str(task.src), str(task.dst), "skipped", reason="output exists", k=cfg.k))
-                    continue
-                decoding.append((task, decoders.submit(self._decode, task)))
+                decoding.append((task, decoders.submit(self._timed, "decode", decode_task, task, cfg)))
                 while len(decoding) > 2 * max(self.batch_size, cfg.workers):
                     take(*decoding.popleft())
             while decoding:
