@@ -19,8 +19,9 @@ from tqdm import tqdm
 from . import __version__
 from .device import resolve_device
 from .io import FORMATS
-from .pipeline import Config, execute, prepare
-from .quantize import SPACES
+from .palette import Palette
+from .pipeline import Config, JobError, execute, prepare
+from .quantize import DITHERS, SPACES
 
 __all__ = ["build_parser", "main"]
 
@@ -46,6 +47,16 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _quality(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN-MAX in PSNR dB such as 30-40, got {text!r}") from None
+    if not 0 <= low <= high:
+        raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= MAX, got {text!r}")
+    return low, high
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +116,41 @@ def build_parser() -> argparse.ArgumentParser:
         default=Image.MAX_IMAGE_PIXELS,
         help="reject larger images with a clear reason (default: Pillow's decompression-bomb limit)",
     )
-    parser.add_argument("--space", choices=SPACES, default="rgb", help="colour space of the fit and the mapping")
+    parser.add_argument(
+        "--space",
+        choices=SPACES,
+        default="rgb",
+        help="colour space of the fit and the mapping (lab gives the lowest CIEDE2000)",
+    )
+    parser.add_argument(
+        "--dither",
+        choices=DITHERS,
+        default="none",
+        help="fs: serpentine Floyd-Steinberg (CPU threads); ordered: 8x8 Bayer (on the device)",
+    )
+    parser.add_argument(
+        "--palette",
+        default=None,
+        metavar="shared|FILE",
+        help="shared: one palette fitted on all inputs (saved in OUT); FILE: map to a saved palette "
+        "(.json, .npy incl. ImageGPT kmeans_centers.npy, .gpl, or a palette PNG)",
+    )
+    parser.add_argument(
+        "--quality",
+        type=_quality,
+        default=None,
+        metavar="MIN-MAX",
+        help="PSNR dB: use the smallest k up to -k reaching MAX; below MIN do not write the image",
+    )
+    parser.add_argument("--skip-if-larger", action="store_true", help="never write an output larger than its input")
+    parser.add_argument("--ciede2000", action="store_true", help="add the mean CIEDE2000 to the report (costs time)")
+    parser.add_argument(
+        "--preview",
+        action="store_true",
+        help="write an HTML gallery (OUT/preview/index.html); for one input file, a side-by-side PNG",
+    )
+    parser.add_argument("--n-init", type=_positive, default=2, help="k-means++ restarts per image (batched)")
+    parser.add_argument("--max-iter", type=_positive, default=300, help="Lloyd iterations at most (lower is faster)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed and device, same output")
     parser.add_argument(
         "--engine",
@@ -137,6 +182,13 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config
     top = 1 << 16 if args.format == "npz" else 256
     if not 2 <= args.k <= top:
         parser.error(f"-k must be between 2 and {top} for --format {args.format}, got {args.k}")
+    if args.palette not in (None, "shared"):
+        try:
+            size = len(Palette.load(args.palette))
+        except (OSError, ValueError, KeyError) as exc:
+            parser.error(f"cannot read palette {args.palette}: {exc}")
+        if size > top:
+            parser.error(f"palette {args.palette} has {size} colours; --format {args.format} holds at most {top}")
     try:
         device = str(resolve_device(args.device))
     except ValueError as exc:
@@ -157,6 +209,13 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config
         max_pixels=args.max_pixels,
         seed=args.seed,
         space=args.space,
+        dither=args.dither,
+        palette=args.palette,
+        quality=args.quality,
+        skip_if_larger=args.skip_if_larger,
+        ciede2000=args.ciede2000,
+        preview=args.preview,
+        quantize_options={"n_init": args.n_init, "max_iter": args.max_iter},
     )
 
 
@@ -191,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gpu_kquant: interrupted before any work started", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except JobError as exc:
+        print(f"gpu-kquant: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     for line in summary.lines():
         print(line, file=sys.stderr)
     print(f"  report: {job.report}", file=sys.stderr)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import hashlib
+import math
 import os
 import signal
 import threading
@@ -21,24 +23,33 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .device import resolve_device
 from .io import IMAGE_EXTENSIONS, TEMP_PREFIX, Decoded, DecodeError, encode, load_image, write_atomic
-from .quantize import Quantized, quantize_batch
+from .metrics import mean_ciede2000
+from .palette import ColorHistogram, Palette
+from .preview import Gallery, side_by_side, thumbnail_pair
+from .quantize import Quantized, map_to_palette, quantize_batch
 from .report import ReportWriter, Row, Summary
 
 __all__ = [
     "Config",
     "Job",
+    "JobError",
     "Pipeline",
     "Task",
+    "configure",
     "execute",
+    "open_report",
     "output_path_for",
     "plan_tasks",
     "prepare",
+    "resolve_palette",
     "run",
     "shard_of",
+    "shared_histogram",
 ]
 
 DEFAULT_REPORT = "gpu_kquant_report.jsonl"
@@ -65,7 +76,21 @@ class Config:
     max_pixels: int | None = None
     seed: int = 0
     space: str = "rgb"
+    dither: str = "none"
+    palette: str | None = None
+    quality: tuple[float, float] | None = None
+    skip_if_larger: bool = False
+    ciede2000: bool = False
+    preview: bool = False
     quantize_options: dict = field(default_factory=dict)
+    # Filled in by the run itself: the fixed palette every image maps to (from
+    # --palette), and where preview files go ("gallery" folder or None).
+    fixed_palette: Palette | None = None
+    preview_dir: Path | None = None
+
+
+class JobError(Exception):
+    """A problem with the run as a whole (not with one file); the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -204,21 +229,55 @@ def decode_task(task: Task, config: Config) -> Item:
     return Item(task, decoded, task.src.stat().st_size, time.perf_counter() - t0)
 
 
+def _reach_quality(pixels: np.ndarray, config: Config, device: torch.device, **options: object) -> Quantized:
+    """The result at the smallest k up to ``config.k`` whose PSNR reaches the target maximum.
+
+    PSNR grows with k, so a binary search needs about log2(k) quantizations; when even
+    k colours fall short of the maximum, the k-colour result is returned as is.
+    """
+    _, target = config.quality  # type: ignore[misc]
+    best = quantize_batch([pixels], config.k, device=device, **options)[0]
+    if best.psnr < target:
+        return best
+    lo, hi = 2, best.n_colors
+    while lo < hi:
+        mid = (lo + hi) // 2
+        q = quantize_batch([pixels], mid, device=device, **options)[0]
+        if q.psnr >= target:
+            hi, best = mid, q
+        else:
+            lo = mid + 1
+    return best
+
+
 def quantize_items(items: list[Item], config: Config, device: torch.device) -> list[Quantized | Exception]:
     """One batched quantization; a failing batch is retried image by image.
 
-    Each item's ``seconds`` grows by its pixel share of the batch time.
+    Maps to ``config.fixed_palette`` when set, searches the smallest k for
+    ``config.quality``, and leaves Floyd-Steinberg dithering to :func:`encode_item`
+    (CPU threads, in parallel across files). Each item's ``seconds`` grows by its
+    pixel share of the batch time.
     """
     t0 = time.perf_counter()
-    options = {"space": config.space, "seed": config.seed, **config.quantize_options}
+    dither = "ordered" if config.dither == "ordered" else "none"
+    options = {"space": config.space, "seed": config.seed, "dither": dither, **config.quantize_options}
     pixels = [item.decoded.pixels for item in items]
+
+    def run(batch: list[np.ndarray]) -> list[Quantized]:
+        if config.fixed_palette is not None:
+            pal = config.fixed_palette
+            return map_to_palette(batch, pal.colors, space=pal.space, dither=dither, device=device)
+        if config.quality is not None:
+            return [_reach_quality(px, config, device, **options) for px in batch]
+        return quantize_batch(batch, config.k, device=device, **options)
+
     try:
-        results: list[Quantized | Exception] = list(quantize_batch(pixels, config.k, device=device, **options))
+        results: list[Quantized | Exception] = list(run(pixels))
     except Exception:
         results = []
         for px in pixels:
             try:
-                results.append(quantize_batch([px], config.k, device=device, **options)[0])
+                results.append(run([px])[0])
             except Exception as exc:
                 results.append(exc)
     seconds = time.perf_counter() - t0
@@ -228,33 +287,96 @@ def quantize_items(items: list[Item], config: Config, device: torch.device) -> l
     return results
 
 
+def _preview(item: Item, result: Quantized, config: Config, row: Row) -> None:
+    """Write this image's preview files and attach the gallery entry to its row."""
+    assert config.preview_dir is not None
+    pixels = item.decoded.pixels
+    quantized = result.to_array() if pixels.shape[2] == 4 or result.has_alpha else result.to_rgb()
+    if config.preview_dir == item.task.dst.parent and len(config.inputs) == 1 and config.inputs[0].is_file():
+        side_by_side(pixels, quantized, item.task.dst.with_name(item.task.dst.stem + ".preview.png"))
+        return
+    thumbs = thumbnail_pair(pixels, quantized, config.preview_dir, item.task.key)
+    row.preview = {
+        "input": row.input,
+        "name": item.task.key,
+        **thumbs,
+        "palette": ["#" + bytes(c[:3]).hex() for c in result.palette.tolist()],
+        "colors": row.colors,
+        "psnr": row.psnr if row.psnr is None or math.isfinite(row.psnr) else "inf",
+        "input_bytes": row.input_bytes,
+        "output_bytes": row.output_bytes,
+    }
+
+
 def encode_item(item: Item, result: Quantized | Exception, config: Config) -> Row:
-    """Encode and atomically write one output; returns its report row."""
+    """Dither (Floyd-Steinberg), check the quality and size guards, encode and write one output.
+
+    Returns its report row: ``ok``, ``quality`` (below the minimum PSNR, not written),
+    ``larger`` (bigger than the input with --skip-if-larger, not written) or ``failed``.
+    """
     task = item.task
     h, w = item.decoded.pixels.shape[:2]
     if isinstance(result, Exception):
         return failed_row(task, config, f"quantization failed: {result}", width=w, height=h)
     t0 = time.perf_counter()
+    space = config.fixed_palette.space if config.fixed_palette is not None else config.space
+    common = {
+        "width": w,
+        "height": h,
+        "k": config.k,
+        "input_bytes": item.input_bytes,
+        "space": space,
+        "dither": config.dither,
+    }
+    if config.quality is not None and result.psnr < config.quality[0]:
+        reason = f"PSNR {result.psnr:.2f} dB is below the minimum of {config.quality[0]:g} dB"
+        return Row(
+            str(task.src),
+            str(task.dst),
+            "quality",
+            reason=reason,
+            colors=result.n_colors,
+            mse=round(result.mse, 4),
+            psnr=round(result.psnr, 3),
+            **common,
+        )
     try:
+        if config.dither == "fs":
+            result = map_to_palette([item.decoded.pixels], result.palette, space=space, dither="fs", device="cpu")[0]
         data, notes = encode(config.fmt, result.palette, result.indices, compress_level=config.compress_level)
+        if config.skip_if_larger and len(data) > item.input_bytes:
+            reason = f"output would be {len(data)} bytes, larger than the input's {item.input_bytes}"
+            return Row(
+                str(task.src),
+                str(task.dst),
+                "larger",
+                reason=reason,
+                colors=result.n_colors,
+                output_bytes=len(data),
+                psnr=round(result.psnr, 3),
+                **common,
+            )
         write_atomic(task.dst, data)
     except Exception as exc:
         return failed_row(task, config, f"cannot write output: {exc}", width=w, height=h)
-    return Row(
+    row = Row(
         str(task.src),
         str(task.dst),
         "ok",
-        width=w,
-        height=h,
-        k=config.k,
         colors=result.n_colors,
-        input_bytes=item.input_bytes,
         output_bytes=len(data),
         mse=round(result.mse, 4),
         psnr=round(result.psnr, 3),
-        seconds=round(item.seconds + time.perf_counter() - t0, 4),
+        psnr_blur=None if result.blurred_psnr is None else round(result.blurred_psnr, 3),
         notes=item.decoded.notes + notes,
+        **common,
     )
+    if config.ciede2000:
+        row.ciede2000 = round(mean_ciede2000(item.decoded.pixels, result.palette, result.indices), 4)
+    if config.preview:
+        _preview(item, result, config, row)
+    row.seconds = round(item.seconds + time.perf_counter() - t0, 4)
+    return row
 
 
 class _Stop(Exception):
@@ -404,16 +526,96 @@ class Job:
     ignored: int
     roots: list[Path]
     report: Path
+    out_dir: Path
+
+
+PALETTE_FILES = ("palette.json", "palette.npy", "palette.gpl")
 
 
 def prepare(config: Config) -> Job:
     """Walk the inputs and decide every output path and the report path."""
     tasks, ignored, roots = plan_tasks(config)
+    out_dir = config.out or roots[0]
     report = config.report
     if report is None:
         shard = "" if config.shard[1] == 1 else f".shard-{config.shard[0]}-of-{config.shard[1]}"
-        report = (config.out or roots[0]) / DEFAULT_REPORT.replace(".jsonl", f"{shard}.jsonl")
-    return Job(tasks, ignored, roots, report)
+        report = out_dir / DEFAULT_REPORT.replace(".jsonl", f"{shard}.jsonl")
+    return Job(tasks, ignored, roots, report, out_dir)
+
+
+def shared_histogram(tasks: list[Task], config: Config, device: torch.device) -> ColorHistogram:
+    """First pass of ``--palette shared``: the exact colour histogram summed over all inputs.
+
+    Files are decoded on a thread pool with bounded prefetch, so memory stays flat;
+    undecodable files are left out here and get their failed row in the second pass.
+    """
+    hist = ColorHistogram(device)
+    with ThreadPoolExecutor(config.workers, thread_name_prefix="histogram") as pool:
+        pending: collections.deque[Future] = collections.deque()
+
+        def drain(limit: int) -> None:
+            while len(pending) > limit:
+                try:
+                    hist.add(pending.popleft().result().decoded.pixels)
+                except Exception:
+                    continue
+
+        for task in tasks:
+            pending.append(pool.submit(decode_task, task, config))
+            drain(2 * config.workers)
+        drain(0)
+    return hist
+
+
+def resolve_palette(job: Job, config: Config, device: torch.device) -> Palette | None:
+    """The fixed palette of this run (``--palette FILE`` or ``shared``), or None.
+
+    A shared palette already saved in the output folder is reused (so a resumed run
+    maps to the same palette); otherwise it is fitted on the histogram of every input,
+    over all shards, and saved as palette.json, palette.npy and palette.gpl.
+    """
+    if config.palette is None:
+        return None
+    if config.palette != "shared":
+        path = Path(config.palette)
+        try:
+            return Palette.load(path, space=None if path.suffix.lower() == ".json" else config.space)
+        except (OSError, ValueError, KeyError) as exc:
+            raise JobError(f"cannot read palette {path}: {exc}") from None
+    saved = job.out_dir / PALETTE_FILES[0]
+    if saved.exists() and not config.overwrite:
+        return Palette.load(saved)
+    everything, _, _ = plan_tasks(dataclasses.replace(config, shard=(0, 1)))
+    hist = shared_histogram(everything, config, device)
+    if hist.pixels == 0:
+        raise JobError("no decodable image to fit a shared palette on")
+    palette = Palette.fit(
+        hist, config.k, space=config.space, device=device, seed=config.seed, **config.quantize_options
+    )
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    for name in PALETTE_FILES:
+        tmp = job.out_dir / f"{TEMP_PREFIX}{os.getpid()}-{name}"
+        palette.save(tmp.with_suffix(Path(name).suffix))
+        os.replace(tmp.with_suffix(Path(name).suffix), job.out_dir / name)
+    return palette
+
+
+def open_report(job: Job, config: Config, summary: Summary) -> ReportWriter:
+    """The report writer of a run, with the preview gallery attached when asked for."""
+    summary.ignored = job.ignored
+    gallery = Gallery(config.preview_dir) if config.preview_dir is not None else None
+    return ReportWriter(job.report, summary, gallery)
+
+
+def configure(job: Job, config: Config, device: torch.device) -> Config:
+    """Resolve what a run decides once: the fixed palette and the preview folder."""
+    single_file = len(config.inputs) == 1 and config.inputs[0].is_file()
+    preview_dir = None
+    if config.preview:
+        preview_dir = job.tasks[0].dst.parent if single_file and job.tasks else job.out_dir / "preview"
+    palette = resolve_palette(job, config, device)
+    k = len(palette) if palette is not None else config.k
+    return dataclasses.replace(config, fixed_palette=palette, preview_dir=preview_dir, k=k)
 
 
 def execute(job: Job, config: Config, progress: Callable[[int, int], None] | None = None) -> Summary:
@@ -423,8 +625,9 @@ def execute(job: Job, config: Config, progress: Callable[[int, int], None] | Non
     """
     _remove_stale_temps(job.roots)
     pipeline = Pipeline(config, progress)
-    pipeline.summary.ignored = job.ignored
-    pipeline.report = ReportWriter(job.report, pipeline.summary)
+    config = configure(job, config, pipeline.device)
+    pipeline.config = config
+    pipeline.report = open_report(job, config, pipeline.summary)
     try:
         return pipeline.run(job.tasks)
     finally:

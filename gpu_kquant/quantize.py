@@ -16,20 +16,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import spaces
 from .colors import ColorSet, bin_colors, color_set, lookup, pack
 from .device import resolve_device
+from .dither import DITHERS, bayer_offsets, floyd_steinberg, palette_spacing
 from .kmeans import assign, assign_with_bounds, kmeans, nearest_two
+from .spaces import SPACES, ColorSpace
 
-__all__ = ["SPACES", "Quantized", "map_to_palette", "quantize", "quantize_batch"]
-
-SPACES = ("rgb", "oklab", "lab")
+__all__ = ["DITHERS", "SPACES", "Quantized", "fit_palette", "map_to_palette", "quantize", "quantize_batch", "to_tensor"]
 
 # Colour sets larger than this are fitted on the finest histogram (bits per channel)
 # that has at most this many occupied bins.
@@ -51,11 +49,14 @@ class Quantized:
         indices: (H, W) uint8 when the palette has at most 256 entries, else uint16.
         mse: mean squared error per channel against the input on the 0..255 scale
             (premultiplied by alpha for RGBA, so invisible differences do not count).
+        blur_mse: the same after a 3x3 binomial blur of both images; set for dithered
+            results, whose per-pixel error overstates what the eye sees.
     """
 
     palette: np.ndarray
     indices: np.ndarray
     mse: float
+    blur_mse: float | None = None
 
     @property
     def n_colors(self) -> int:
@@ -70,7 +71,12 @@ class Quantized:
     @property
     def psnr(self) -> float:
         """Peak signal-to-noise ratio in dB (infinite for a lossless result)."""
-        return math.inf if self.mse == 0 else 10.0 * math.log10(255.0**2 / self.mse)
+        return _psnr(self.mse)
+
+    @property
+    def blurred_psnr(self) -> float | None:
+        """PSNR after a small blur of both images (dithered results only)."""
+        return None if self.blur_mse is None else _psnr(self.blur_mse)
 
     def to_array(self) -> np.ndarray:
         """(H, W, C) uint8 image, ``palette[indices]``, C = 3 or 4."""
@@ -89,58 +95,11 @@ class Quantized:
         return img
 
 
-class _Space:
-    """Turns uint8 colours into the float points k-means clusters, and back.
-
-    RGBA colours become premultiplied colour plus alpha scaled to the colour range,
-    so a barely visible pixel barely counts.
-    """
-
-    _SCALE: ClassVar[dict[str, float]] = {"rgb": 255.0, "oklab": 100.0, "lab": 1.0}
-
-    def __init__(self, name: str) -> None:
-        if name not in SPACES:
-            raise ValueError(f"space must be one of {', '.join(SPACES)}, got {name!r}")
-        self.name = name
-
-    def _forward(self, rgb: torch.Tensor) -> torch.Tensor:
-        if self.name == "rgb":
-            return rgb * 255.0
-        fn = spaces.srgb_to_oklab if self.name == "oklab" else spaces.srgb_to_lab
-        return fn(rgb) * self._SCALE[self.name]
-
-    def _inverse(self, pts: torch.Tensor) -> torch.Tensor:
-        if self.name == "rgb":
-            return pts / 255.0
-        fn = spaces.oklab_to_srgb if self.name == "oklab" else spaces.lab_to_srgb
-        return fn(pts / self._SCALE[self.name])
-
-    def _alpha_scale(self) -> float:
-        return 1.0 if self.name == "rgb" else 100.0 / 255.0
-
-    def points(self, colors: torch.Tensor) -> torch.Tensor:
-        """uint8 colours (M, 3 or 4) -> float32 points (M, 3 or 4)."""
-        pts = self._forward(colors[:, :3].double() / 255.0)
-        if colors.shape[1] == 4:
-            alpha = colors[:, 3:].double()
-            pts = torch.cat([pts * (alpha / 255.0), alpha * self._alpha_scale()], dim=1)
-        return pts.float()
-
-    def colors(self, pts: torch.Tensor) -> torch.Tensor:
-        """Float points (k, 3 or 4) -> the nearest representable uint8 colours."""
-        pts = pts.double()
-        if pts.shape[1] == 3:
-            return self._to_uint8(self._inverse(pts))
-        alpha = (pts[:, 3:] / self._alpha_scale()).clamp(1.0, 255.0)
-        rgb = self._to_uint8(self._inverse(pts[:, :3] * (255.0 / alpha)))
-        return torch.cat([rgb, alpha.round().to(torch.uint8)], dim=1)
-
-    @staticmethod
-    def _to_uint8(rgb: torch.Tensor) -> torch.Tensor:
-        return (rgb * 255.0).round().clamp(0, 255).to(torch.uint8)
+def _psnr(mse: float) -> float:
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
-def _to_tensor(image: object) -> torch.Tensor:
+def to_tensor(image: object) -> torch.Tensor:
     """A PIL image or an (H, W, 3|4) uint8 array/tensor -> (H, W, C) uint8 tensor.
 
     PIL images with transparency become RGBA, all others RGB. RGBA whose alpha is
@@ -214,7 +173,7 @@ def _plan(group: _Group, max_points: int) -> _Plan:
     return _Plan(seed, fine, bins)
 
 
-def _split(cs: ColorSet, space: _Space) -> tuple[bool, _Group, _Group]:
+def _split(cs: ColorSet, space: ColorSpace) -> tuple[bool, _Group, _Group]:
     """Split a colour set into (has fully transparent pixels, opaque, translucent)."""
     colors = cs.colors
     alpha = colors[:, 3] if cs.channels == 4 else torch.full_like(cs.counts, 255, dtype=torch.uint8)
@@ -269,7 +228,7 @@ def _pad(rows: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _nearest(
-    points: torch.Tensor, pal_points: torch.Tensor, bins: tuple[torch.Tensor, torch.Tensor] | None
+    points: torch.Tensor, pal_points: torch.Tensor, bins: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> torch.Tensor:
     """Exact nearest palette entry (M,) of every point (M, D) among (P, D).
 
@@ -287,90 +246,146 @@ def _nearest(
     return labels[0]
 
 
-def _map_colors(
-    cs: ColorSet,
-    space: _Space,
-    palette: torch.Tensor,
+def _as_rgba(colors: torch.Tensor) -> torch.Tensor:
+    return colors if colors.shape[-1] == 4 else torch.nn.functional.pad(colors, (0, 1), value=255)
+
+
+def _assign_constrained(
+    points: torch.Tensor,
+    alpha: torch.Tensor,
+    pal_points: torch.Tensor,
+    pal_alpha: torch.Tensor,
     bins: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Palette entry (M,) of every colour of the set, nearest in ``space``.
+    """Nearest allowed palette entry (M,) of points (M, D) with alpha (M,) uint8.
 
-    Opaque colours go to opaque entries only (when the palette has any), fully
-    transparent colours to the most transparent entry, translucent colours to any
-    visible entry. ``bins`` (from the opaque group's fit) speeds up the opaque group.
+    Opaque points go to opaque entries only (any entry when there are none), fully
+    transparent points to the most transparent entry, the others to any visible entry.
+    ``bins`` (over the opaque points, in order) may speed them up (see :func:`_nearest`).
     """
-    transparent, opaque, translucent = _split(cs, space)
-    labels = torch.empty(len(cs), dtype=torch.long, device=cs.keys.device)
-    rgba = palette if palette.shape[1] == 4 else torch.nn.functional.pad(palette, (0, 1), value=255)
-    pal_alpha = rgba[:, 3]
-    opaque_entries = (pal_alpha == 255).nonzero().squeeze(1)
-    if opaque.members.numel():
-        if opaque_entries.numel():
-            pal_points = space.points(rgba[opaque_entries, :3])
-            labels[opaque.members] = opaque_entries[_nearest(opaque.points, pal_points, bins)]
-        else:
-            points = space.points(torch.nn.functional.pad(opaque.colors, (0, 1), value=255))
-            labels[opaque.members] = _nearest(points, space.points(rgba), None)
-    if translucent.members.numel():
-        visible = (pal_alpha > 0).nonzero().squeeze(1)
-        if visible.numel() == 0:
-            visible = torch.arange(rgba.shape[0], device=rgba.device)
-        labels[translucent.members] = visible[_nearest(translucent.points, space.points(rgba[visible]), None)]
-    if transparent:
-        labels[cs.colors[:, 3] == 0] = pal_alpha.argmin()
+    labels = torch.empty(points.shape[0], dtype=torch.long, device=points.device)
+    entries = torch.arange(pal_alpha.shape[0], device=pal_alpha.device)
+    for members, allowed, guide in (
+        (alpha == 255, pal_alpha == 255, bins),
+        ((alpha > 0) & (alpha < 255), pal_alpha > 0, None),
+    ):
+        idx = members.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            continue
+        subset = entries[allowed] if bool(allowed.any()) else entries
+        labels[idx] = subset[_nearest(points[idx], pal_points[subset], guide)]
+    labels[alpha == 0] = pal_alpha.argmin()
     return labels
 
 
-def _error(cs: ColorSet, palette: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean squared error per channel (premultiplied for RGBA) over all pixels."""
-    src, dst = cs.colors, palette[labels]
-    if cs.channels == 3 and palette.shape[1] == 3:
-        err = (src.long() - dst.long()).square().sum(1).double()
-    else:
+def _colour_points(cs: ColorSet, space: ColorSpace, palette: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points of the colour set for mapping to ``palette``, with the colours' alpha."""
+    colors = cs.colors
+    if palette.shape[1] == 4 or cs.channels == 4:
+        rgba = _as_rgba(colors)
+        if cs.channels == 3 and palette.shape[1] == 4:
+            return space.points(rgba), rgba[:, 3]
+        return space.points(rgba if palette.shape[1] == 4 else colors[:, :3]), rgba[:, 3]
+    return space.points(colors), torch.full((len(cs),), 255, dtype=torch.uint8, device=colors.device)
 
-        def premultiplied(c: torch.Tensor) -> torch.Tensor:
-            c = torch.nn.functional.pad(c, (0, 1), value=255).double() if c.shape[1] == 3 else c.double()
-            return torch.cat([c[:, :3] * c[:, 3:] / 255.0, c[:, 3:]], dim=1)
 
-        err = (premultiplied(src) - premultiplied(dst)).square().sum(1)
-    return float((err * cs.counts).sum()) / (cs.channels * float(cs.counts.sum()))
+def _palette_points(palette: torch.Tensor, space: ColorSpace, rgba: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    pal = _as_rgba(palette) if rgba else palette
+    return space.points(pal), _as_rgba(palette)[:, 3]
+
+
+def _premultiplied(colors: torch.Tensor) -> torch.Tensor:
+    c = _as_rgba(colors).double()
+    return torch.cat([c[..., :3] * c[..., 3:] / 255.0, c[..., 3:]], dim=-1)
+
+
+def _pixel_error(src: torch.Tensor, dst: torch.Tensor, channels: int) -> torch.Tensor:
+    """Squared error summed over channels (...,), premultiplied when RGBA is involved."""
+    if src.shape[-1] == 3 and dst.shape[-1] == 3:
+        return (src.long() - dst.long()).square().sum(-1).double()
+    return (_premultiplied(src) - _premultiplied(dst)).square().sum(-1)
+
+
+def _blur(img: torch.Tensor) -> torch.Tensor:
+    """3x3 binomial blur of (H, W, C) float64, edges replicated."""
+    x = img.permute(2, 0, 1)[:, None]
+    k = torch.tensor([1.0, 2.0, 1.0], dtype=x.dtype, device=x.device) / 4
+    x = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    x = torch.nn.functional.conv2d(x, (k[:, None] * k[None, :])[None, None])
+    return x[:, 0].permute(1, 2, 0)
 
 
 def _finish(
+    pixels: torch.Tensor,
     keys: torch.Tensor,
     cs: ColorSet,
-    space: _Space,
+    space: ColorSpace,
     palette: torch.Tensor,
     bins: tuple[torch.Tensor, torch.Tensor] | None,
     fixed: bool,
+    dither: str,
 ) -> Quantized:
     """Map every pixel to its palette entry and package the result.
 
-    A fitted palette drops unused entries and is reordered (entries with transparency
-    first, then by pixel count); a fixed palette is kept as given.
+    Without dithering each distinct colour is mapped once and pixels look their colour
+    up; with dithering every pixel is mapped on its own. A fitted palette drops unused
+    entries and is reordered (entries with transparency first, then by pixel count); a
+    fixed palette is kept as given.
     """
-    labels = _map_colors(cs, space, palette, bins)
-    mse = _error(cs, palette, labels)
+    dev = keys.device
+    rgba = cs.channels == 4 or palette.shape[1] == 4
+    pal_points, pal_alpha = _palette_points(palette, space, rgba)
+    blur_mse = None
+    if dither == "none":
+        points, alpha = _colour_points(cs, space, palette)
+        labels = _assign_constrained(points, alpha, pal_points, pal_alpha, None if rgba else bins)
+        err = _pixel_error(cs.colors, palette[labels], cs.channels)
+        mse = float((err * cs.counts).sum()) / (cs.channels * keys.numel())
+        usage = torch.zeros(palette.shape[0], dtype=torch.long, device=dev).index_add_(0, labels, cs.counts)
+    else:
+        h, w, c = pixels.shape
+        if dither == "fs":
+            pal_np = palette.cpu().numpy()
+            pixel_labels = torch.from_numpy(floyd_steinberg(pixels.cpu().numpy(), pal_np, space)).to(dev).long()
+        else:
+            flat = pixels.reshape(-1, c)
+            points = space.points(_as_rgba(flat) if rgba else flat)
+            step = bayer_offsets(h, w, dev).reshape(-1, 1) * palette_spacing(pal_points)
+            alpha = _as_rgba(flat)[:, 3]
+            points[:, :3] += step * (alpha[:, None].float() / 255.0 if rgba else 1.0)
+            pixel_labels = _assign_constrained(points, alpha, pal_points, pal_alpha)
+        pixel_labels = pixel_labels.reshape(h, w)
+        out = palette[pixel_labels]
+        mse = float(_pixel_error(pixels, out, c).mean()) / c
+        src, dst = (_premultiplied(pixels), _premultiplied(out)) if rgba else (pixels.double(), out.double())
+        blur_mse = float((_blur(src) - _blur(dst)).square().mean()) * src.shape[-1] / c
+        usage = torch.bincount(pixel_labels.reshape(-1), minlength=palette.shape[0])
+    order = torch.arange(palette.shape[0], device=dev)
     if not fixed:
-        usage = torch.zeros(palette.shape[0], dtype=torch.long, device=keys.device).index_add_(0, labels, cs.counts)
-        opaque = palette[:, 3] == 255 if palette.shape[1] == 4 else torch.ones_like(usage, dtype=torch.bool)
+        opaque = pal_alpha == 255
         order = torch.argsort(opaque.long() * (usage.max() + 1) - usage, stable=True)
         order = order[usage[order] > 0]
-        remap = torch.empty_like(usage)
-        remap[order] = torch.arange(order.shape[0], device=keys.device)
-        labels, palette = remap[labels], palette[order]
+    remap = torch.empty(palette.shape[0], dtype=torch.long, device=dev)
+    remap[order] = torch.arange(order.shape[0], device=dev)
+    palette = palette[order]
     index_dtype = torch.uint8 if palette.shape[0] <= 256 else torch.int32
-    indices = lookup(cs, labels.to(index_dtype), keys).cpu().numpy()
+    if dither == "none":
+        indices = lookup(cs, remap[labels].to(index_dtype), keys)
+    else:
+        indices = remap[pixel_labels].to(index_dtype)
+    indices = indices.cpu().numpy()
     if index_dtype != torch.uint8:
         indices = indices.astype(np.uint16)
-    return Quantized(palette.cpu().numpy(), indices, mse)
+    return Quantized(palette.cpu().numpy(), indices, mse, blur_mse)
 
 
-def _check_options(k: int, space: str, n_init: int) -> None:
+def _check_options(k: int, space: str, n_init: int, dither: str) -> None:
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 1 << 16:
         raise ValueError(f"k must be an integer in 1..65536, got {k!r}")
     if space not in SPACES:
         raise ValueError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
+    if dither not in DITHERS:
+        raise ValueError(f"dither must be one of {', '.join(DITHERS)}, got {dither!r}")
     if n_init < 1:
         raise ValueError(f"n_init must be >= 1, got {n_init}")
 
@@ -413,56 +428,33 @@ def _fit(
     return centroids
 
 
-def quantize_batch(
-    images: Sequence[object],
-    k: int = 16,
+def _fit_palettes(
+    sets: list[ColorSet],
+    k: int,
+    space: ColorSpace,
     *,
-    space: str = "rgb",
-    device: str | torch.device | None = None,
-    seed: int = 0,
-    n_init: int = 2,
-    max_iter: int = 300,
-    tol: float = 1e-4,
-    max_fit_points: int = MAX_FIT_POINTS,
-) -> list[Quantized]:
-    """Quantize many images of any sizes with one batched k-means.
+    seed: int,
+    n_init: int,
+    max_iter: int,
+    tol: float,
+    max_fit_points: int,
+    device: torch.device,
+) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]:
+    """Fit one palette per colour set, all k-means problems of a kind in one batch.
 
-    Args:
-        images: PIL images, or (H, W, 3) RGB / (H, W, 4) RGBA uint8 arrays or tensors.
-        k: palette size, 1..65536. A transparent image spends one entry on full
-            transparency and shares the rest between opaque and translucent colours.
-        space: colour space of the fit and of the mapping: ``"rgb"`` (sRGB, best
-            PSNR), ``"oklab"`` or ``"lab"`` (CIELAB D65, best CIEDE2000).
-        device: where to compute; ``None`` picks CUDA when available.
-        seed: seed of each image's own random stream: an image's result does not
-            depend on which other images share its batch.
-        n_init: k-means++ restarts per image, run as extra batch rows; the lowest
-            inertia wins.
-        max_iter, tol: Lloyd stopping rule (see :func:`gpu_kquant.kmeans.kmeans`).
-        max_fit_points: colour sets larger than this are fitted on the finest colour
-            histogram with at most this many occupied bins.
-
-    Returns:
-        One :class:`Quantized` per image, in order. An image with at most k distinct
-        colours keeps them exactly (no k-means).
+    Returns (palette uint8 (P, C), bins of the opaque fit or None) per set, where
+    P <= k and C is the set's channel count.
     """
-    _check_options(k, space, n_init)
-    dev = resolve_device(device)
-    sp = _Space(space)
-    tensors = [_to_tensor(img) for img in images]
-    keys = [pack(t.to(dev, non_blocking=True)) for t in tensors]
-    sets = [color_set(kk, t.shape[2]) for kk, t in zip(keys, tensors)]
-
-    # parts[i]: palette pieces of image i (uint8, RGBA when the image is); a None piece
-    # is filled by the batched fit of the job at the same position.
+    # parts[i]: palette pieces of set i; a None piece is filled by the batched fit of
+    # the job that points at it.
     parts: list[list[torch.Tensor | None]] = []
     bins: list[tuple[torch.Tensor, torch.Tensor] | None] = []
     jobs: dict[tuple[int, int], list[tuple[int, int, _Plan]]] = {}
     for i, cs in enumerate(sets):
-        transparent, opaque, translucent = _split(cs, sp)
+        transparent, opaque, translucent = _split(cs, space)
         pieces: list[torch.Tensor | None] = []
         if transparent:
-            pieces.append(torch.zeros((1, 4), dtype=torch.uint8, device=dev))
+            pieces.append(torch.zeros((1, 4), dtype=torch.uint8, device=device))
         shares = _share_k(max(1, k - len(pieces)), [opaque, translucent])
         bins.append(None)
         for group, k_group in zip((opaque, translucent), shares):
@@ -479,43 +471,135 @@ def quantize_batch(
         parts.append(pieces)
 
     for (_, k_group), batch in jobs.items():
-        centroids = _fit(
-            [plan for _, _, plan in batch], k_group, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, device=dev
-        )
+        plans = [plan for _, _, plan in batch]
+        centroids = _fit(plans, k_group, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, device=device)
         for row, (i, slot, _) in enumerate(batch):
-            parts[i][slot] = sp.colors(centroids[row])
+            parts[i][slot] = space.colors(centroids[row])
 
-    results = []
-    for kk, cs, pieces, b in zip(keys, sets, parts, bins):
+    out = []
+    for cs, pieces, b in zip(sets, parts, bins):
+        done = [p for p in pieces if p is not None]
         if cs.channels == 4:
-            pieces = [p if p.shape[1] == 4 else torch.nn.functional.pad(p, (0, 1), value=255) for p in pieces]
-        results.append(_finish(kk, cs, sp, torch.cat(pieces), b, fixed=False))
-    return results
+            done = [_as_rgba(p) for p in done]
+        out.append((torch.cat(done), b))
+    return out
+
+
+def fit_palette(
+    cs: ColorSet,
+    k: int,
+    *,
+    space: str = "rgb",
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    n_init: int = 2,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    max_fit_points: int = MAX_FIT_POINTS,
+) -> np.ndarray:
+    """Fit a palette of at most k colours to a colour histogram (e.g. summed over images).
+
+    Returns (k', C) uint8, ordered like a quantized image's palette: entries with
+    transparency first, then by pixel count; unused entries dropped.
+    """
+    _check_options(k, space, n_init, "none")
+    dev = resolve_device(device)
+    sp = ColorSpace(space)
+    cs = ColorSet(cs.keys.to(dev), cs.counts.to(dev), cs.channels)
+    ((palette, bins),) = _fit_palettes(
+        [cs], k, sp, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, max_fit_points=max_fit_points, device=dev
+    )
+    rgba = cs.channels == 4
+    points, alpha = _colour_points(cs, sp, palette)
+    labels = _assign_constrained(points, alpha, *_palette_points(palette, sp, rgba), None if rgba else bins)
+    usage = torch.zeros(palette.shape[0], dtype=torch.long, device=dev).index_add_(0, labels, cs.counts)
+    opaque = _as_rgba(palette)[:, 3] == 255
+    order = torch.argsort(opaque.long() * (usage.max() + 1) - usage, stable=True)
+    return palette[order[usage[order] > 0]].cpu().numpy()
+
+
+def quantize_batch(
+    images: Sequence[object],
+    k: int = 16,
+    *,
+    space: str = "rgb",
+    dither: str = "none",
+    palette: object | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    n_init: int = 2,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    max_fit_points: int = MAX_FIT_POINTS,
+) -> list[Quantized]:
+    """Quantize many images of any sizes with one batched k-means.
+
+    Args:
+        images: PIL images, or (H, W, 3) RGB / (H, W, 4) RGBA uint8 arrays or tensors.
+        k: palette size, 1..65536. A transparent image spends one entry on full
+            transparency and shares the rest between opaque and translucent colours.
+        space: colour space of the fit and of the mapping: ``"rgb"`` (sRGB, best
+            PSNR), ``"oklab"`` or ``"lab"`` (CIELAB D65, best CIEDE2000).
+        dither: ``"none"``, ``"fs"`` (serpentine Floyd-Steinberg with error clamping,
+            on the CPU) or ``"ordered"`` (8x8 Bayer, on the device).
+        palette: map to this fixed palette instead of fitting one (a
+            :class:`gpu_kquant.Palette` or a (k, 3|4) uint8 array); ``k`` is ignored.
+        device: where to compute; ``None`` picks CUDA when available.
+        seed: seed of each image's own random stream: an image's result does not
+            depend on which other images share its batch.
+        n_init: k-means++ restarts per image, run as extra batch rows; the lowest
+            inertia wins.
+        max_iter, tol: Lloyd stopping rule (see :func:`gpu_kquant.kmeans.kmeans`).
+        max_fit_points: colour sets larger than this are fitted on the finest colour
+            histogram with at most this many occupied bins.
+
+    Returns:
+        One :class:`Quantized` per image, in order. An image with at most k distinct
+        colours keeps them exactly (no k-means).
+    """
+    if palette is not None:
+        return map_to_palette(images, palette, space=space, dither=dither, device=device)
+    _check_options(k, space, n_init, dither)
+    dev = resolve_device(device)
+    sp = ColorSpace(space)
+    tensors = [to_tensor(img).to(dev, non_blocking=True) for img in images]
+    keys = [pack(t) for t in tensors]
+    sets = [color_set(kk, t.shape[2]) for kk, t in zip(keys, tensors)]
+    fitted = _fit_palettes(
+        sets, k, sp, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, max_fit_points=max_fit_points, device=dev
+    )
+    return [
+        _finish(t, kk, cs, sp, pal, b if dither == "none" else None, fixed=False, dither=dither)
+        for t, kk, cs, (pal, b) in zip(tensors, keys, sets, fitted)
+    ]
 
 
 def map_to_palette(
     images: Sequence[object],
-    palette: np.ndarray | torch.Tensor,
+    palette: object,
     *,
     space: str = "rgb",
+    dither: str = "none",
     device: str | torch.device | None = None,
 ) -> list[Quantized]:
-    """Map every image to a fixed palette (k, 3) RGB or (k, 4) RGBA uint8, no fitting.
+    """Map every image to a fixed palette, no fitting; every result keeps it whole and in order.
 
-    Every result carries the same palette, in the given order.
+    Args:
+        palette: a :class:`gpu_kquant.Palette` or a (k, 3) RGB / (k, 4) RGBA uint8 array.
     """
-    pal = torch.as_tensor(np.asarray(palette))
+    colors = getattr(palette, "colors", palette)
+    pal = torch.as_tensor(np.asarray(colors))
     if pal.dtype != torch.uint8 or pal.ndim != 2 or pal.shape[1] not in (3, 4) or not 1 <= pal.shape[0] <= 1 << 16:
         raise ValueError(f"palette must be a (k, 3) or (k, 4) uint8 array with 1 <= k <= 65536, got {tuple(pal.shape)}")
-    _check_options(pal.shape[0], space, 1)
+    _check_options(pal.shape[0], space, 1, dither)
     dev = resolve_device(device)
-    sp = _Space(space)
+    sp = ColorSpace(space)
     pal = pal.to(dev)
     out = []
     for img in images:
-        t = _to_tensor(img)
-        kk = pack(t.to(dev, non_blocking=True))
-        out.append(_finish(kk, color_set(kk, t.shape[2]), sp, pal, None, fixed=True))
+        t = to_tensor(img).to(dev, non_blocking=True)
+        kk = pack(t)
+        out.append(_finish(t, kk, color_set(kk, t.shape[2]), sp, pal, None, fixed=True, dither=dither))
     return out
 
 

@@ -11,9 +11,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
-__all__ = ["ReportWriter", "Row", "Summary"]
+from .preview import Gallery
+
+__all__ = ["FAILURES", "ReportWriter", "Row", "Summary"]
 
 STATUSES = ("ok", "skipped", "failed")
+# Statuses that make the exit code say some inputs failed ("larger" is a chosen skip).
+FAILURES = ("failed", "quality")
 
 
 @dataclass
@@ -33,12 +37,20 @@ class Row:
     mse: float | None = None
     psnr: float | None = None
     seconds: float | None = None
+    space: str | None = None
+    dither: str | None = None
+    psnr_blur: float | None = None
+    ciede2000: float | None = None
     notes: list[str] = field(default_factory=list)
+    # What the --preview gallery shows of this image; not written to the report.
+    preview: dict | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> str:
         data = asdict(self)
-        if data["psnr"] is not None and math.isinf(data["psnr"]):
-            data["psnr"] = "inf"  # JSON has no infinity
+        del data["preview"]
+        for key in ("psnr", "psnr_blur"):
+            if data[key] is not None and math.isinf(data[key]):
+                data[key] = "inf"  # JSON has no infinity
         return json.dumps(data, ensure_ascii=False)
 
 
@@ -52,6 +64,8 @@ class Summary:
     pixels: int = 0
     psnr_sum: float = 0.0
     psnr_n: int = 0
+    ciede_sum: float = 0.0
+    ciede_n: int = 0
     seconds: float = 0.0
     stage_seconds: Counter = field(default_factory=Counter)
     interrupted: bool = False
@@ -66,10 +80,13 @@ class Summary:
             if row.psnr is not None and math.isfinite(row.psnr):
                 self.psnr_sum += row.psnr
                 self.psnr_n += 1
+            if row.ciede2000 is not None:
+                self.ciede_sum += row.ciede2000
+                self.ciede_n += 1
 
     @property
     def failed(self) -> int:
-        return sum(n for status, n in self.counts.items() if status not in ("ok", "skipped"))
+        return sum(self.counts.get(status, 0) for status in FAILURES)
 
     def lines(self) -> list[str]:
         """Human-readable summary lines."""
@@ -83,6 +100,8 @@ class Summary:
             out.append(f"  bytes: {_size(self.bytes_in)} in, {_size(self.bytes_out)} out ({saving:.1f}% saved)")
         if self.psnr_n:
             out.append(f"  mean PSNR: {self.psnr_sum / self.psnr_n:.2f} dB")
+        if self.ciede_n:
+            out.append(f"  mean CIEDE2000: {self.ciede_sum / self.ciede_n:.3f}")
         ok = self.counts.get("ok", 0)
         if self.seconds > 0 and ok:
             out.append(
@@ -109,9 +128,10 @@ def _size(n: int) -> str:
 class ReportWriter:
     """Appends rows to a JSON-lines file as they arrive (thread-safe), and sums them."""
 
-    def __init__(self, path: Path | None, summary: Summary) -> None:
+    def __init__(self, path: Path | None, summary: Summary, gallery: Gallery | None = None) -> None:
         self.path = path
         self.summary = summary
+        self.gallery = gallery
         self._lock = threading.Lock()
         self._file: IO[str] | None = None
         if path is not None:
@@ -124,8 +144,13 @@ class ReportWriter:
             if self._file is not None:
                 self._file.write(row.to_json() + "\n")
                 self._file.flush()
+            if self.gallery is not None and row.preview is not None:
+                self.gallery.add(row.preview)
 
     def close(self) -> None:
+        """Flush the report and render the preview gallery, if any."""
+        if self.gallery is not None:
+            self.gallery.render()
         if self._file is not None:
             self._file.flush()
             os.fsync(self._file.fileno())

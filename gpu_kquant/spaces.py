@@ -8,9 +8,14 @@ dtype (float32 for integer input).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 __all__ = [
+    "SPACES",
+    "ColorSpace",
+    "ciede2000",
     "lab_to_srgb",
     "linear_to_srgb",
     "oklab_to_srgb",
@@ -107,3 +112,105 @@ def lab_to_srgb(lab: torch.Tensor) -> torch.Tensor:
     xyz = xyz * torch.tensor(_D65, dtype=torch.float64, device=lab.device)
     to_rgb = torch.linalg.inv(torch.tensor(_RGB_TO_XYZ, dtype=torch.float64, device=lab.device))
     return linear_to_srgb(xyz @ to_rgb.T).to(dtype)
+
+
+def ciede2000(lab1: torch.Tensor, lab2: torch.Tensor) -> torch.Tensor:
+    """CIEDE2000 colour difference (...) between CIELAB colours (..., 3), kL = kC = kH = 1.
+
+    Follows Sharma, Wu and Dalal (2005), including the hue-angle conventions.
+    """
+    a, _ = _check(lab1)
+    b, _ = _check(lab2)
+    l1, a1, b1 = a.unbind(-1)
+    l2, a2, b2 = b.unbind(-1)
+    c_mean = (torch.hypot(a1, b1) + torch.hypot(a2, b2)) / 2
+    g = 0.5 * (1 - torch.sqrt(c_mean**7 / (c_mean**7 + 25.0**7)))
+    a1p, a2p = a1 * (1 + g), a2 * (1 + g)
+    c1p, c2p = torch.hypot(a1p, b1), torch.hypot(a2p, b2)
+    h1p = torch.rad2deg(torch.atan2(b1, a1p)) % 360
+    h2p = torch.rad2deg(torch.atan2(b2, a2p)) % 360
+    dlp, dcp = l2 - l1, c2p - c1p
+    dh = h2p - h1p
+    dh = torch.where(dh > 180, dh - 360, torch.where(dh < -180, dh + 360, dh))
+    dh = torch.where(c1p * c2p == 0, torch.zeros_like(dh), dh)
+    dhp = 2 * torch.sqrt(c1p * c2p) * torch.sin(torch.deg2rad(dh / 2))
+    lp_mean, cp_mean = (l1 + l2) / 2, (c1p + c2p) / 2
+    h_sum = h1p + h2p
+    hp_mean = torch.where(
+        (h1p - h2p).abs() > 180, torch.where(h_sum < 360, (h_sum + 360) / 2, (h_sum - 360) / 2), h_sum / 2
+    )
+    hp_mean = torch.where(c1p * c2p == 0, h_sum, hp_mean)
+    t = (
+        1
+        - 0.17 * torch.cos(torch.deg2rad(hp_mean - 30))
+        + 0.24 * torch.cos(torch.deg2rad(2 * hp_mean))
+        + 0.32 * torch.cos(torch.deg2rad(3 * hp_mean + 6))
+        - 0.20 * torch.cos(torch.deg2rad(4 * hp_mean - 63))
+    )
+    sl = 1 + 0.015 * (lp_mean - 50) ** 2 / torch.sqrt(20 + (lp_mean - 50) ** 2)
+    sc = 1 + 0.045 * cp_mean
+    sh = 1 + 0.015 * cp_mean * t
+    rt = (
+        -2
+        * torch.sqrt(cp_mean**7 / (cp_mean**7 + 25.0**7))
+        * torch.sin(torch.deg2rad(60 * torch.exp(-(((hp_mean - 275) / 25) ** 2))))
+    )
+    de = torch.sqrt((dlp / sl) ** 2 + (dcp / sc) ** 2 + (dhp / sh) ** 2 + rt * (dcp / sc) * (dhp / sh))
+    return de.to(lab1.dtype if lab1.is_floating_point() else torch.float32)
+
+
+SPACES = ("rgb", "oklab", "lab")
+
+
+class ColorSpace:
+    """How uint8 colours become the float points k-means clusters, and back.
+
+    ``rgb`` points are sRGB on 0..255, ``oklab`` is OKLab scaled by 100, ``lab`` is
+    CIELAB. RGBA colours become premultiplied colour plus alpha scaled to the colour
+    range, so a barely visible pixel barely counts.
+    """
+
+    _SCALE: ClassVar[dict[str, float]] = {"rgb": 255.0, "oklab": 100.0, "lab": 1.0}
+
+    def __init__(self, name: str) -> None:
+        if name not in SPACES:
+            raise ValueError(f"space must be one of {', '.join(SPACES)}, got {name!r}")
+        self.name = name
+
+    def _forward(self, rgb: torch.Tensor) -> torch.Tensor:
+        fn = srgb_to_oklab if self.name == "oklab" else srgb_to_lab
+        return fn(rgb) * self._SCALE[self.name]
+
+    def _inverse(self, pts: torch.Tensor) -> torch.Tensor:
+        if self.name == "rgb":
+            return pts / 255.0
+        fn = oklab_to_srgb if self.name == "oklab" else lab_to_srgb
+        return fn(pts / self._SCALE[self.name])
+
+    @property
+    def alpha_scale(self) -> float:
+        """Alpha 0..255 is multiplied by this to sit on the colour channels' scale."""
+        return 1.0 if self.name == "rgb" else 100.0 / 255.0
+
+    def points(self, colors: torch.Tensor) -> torch.Tensor:
+        """uint8 colours (M, 3 or 4) -> float32 points (M, 3 or 4)."""
+        if self.name == "rgb" and colors.shape[1] == 3:
+            return colors.float()
+        pts = colors[:, :3].double() if self.name == "rgb" else self._forward(colors[:, :3].double() / 255.0)
+        if colors.shape[1] == 4:
+            alpha = colors[:, 3:].double()
+            pts = torch.cat([pts * (alpha / 255.0), alpha * self.alpha_scale], dim=1)
+        return pts.float()
+
+    def colors(self, pts: torch.Tensor) -> torch.Tensor:
+        """Float points (k, 3 or 4) -> the nearest representable uint8 colours."""
+        pts = pts.double()
+        if pts.shape[1] == 3:
+            return self._to_uint8(self._inverse(pts))
+        alpha = (pts[:, 3:] / self.alpha_scale).clamp(1.0, 255.0)
+        rgb = self._to_uint8(self._inverse(pts[:, :3] * (255.0 / alpha)))
+        return torch.cat([rgb, alpha.round().to(torch.uint8)], dim=1)
+
+    @staticmethod
+    def _to_uint8(rgb: torch.Tensor) -> torch.Tensor:
+        return (rgb * 255.0).round().clamp(0, 255).to(torch.uint8)

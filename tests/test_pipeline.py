@@ -322,3 +322,90 @@ def test_memory_is_bounded(tmp_path: Path) -> None:
     # 450 MB, while bounded queues keep the peak where it was (give or take allocator noise).
     few, many = peak_rss_kb(24), peak_rss_kb(120)
     assert many < few + 150_000, (few, many)
+
+
+def small_folder(tmp_path: Path, names: tuple[str, ...] = ("chelsea", "coffee", "astronaut")) -> Path:
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in names:
+        Image.fromarray(photo(name)[:120, :160]).save(src / f"{name}.png")
+    return src
+
+
+def plte(path: Path) -> bytes:
+    data = path.read_bytes()
+    at = data.index(b"PLTE")
+    return data[at - 4 : at + 4 + int.from_bytes(data[at - 4 : at], "big")]
+
+
+def test_shared_palette(tmp_path: Path) -> None:
+    src = small_folder(tmp_path)
+    out = tmp_path / "out"
+    result = cli(src, "-k", 16, "-o", out, "--palette", "shared", "--quiet")
+    assert result.returncode == 0, result.stderr
+    outputs = sorted(out.glob("*.png"))
+    assert len(outputs) == 3
+    assert len({plte(p) for p in outputs}) == 1  # byte-identical palettes
+    for name in ("palette.json", "palette.npy", "palette.gpl"):
+        assert (out / name).exists()
+    # A saved palette re-applied gives identical outputs.
+    again = tmp_path / "again"
+    assert cli(src, "-o", again, "--palette", out / "palette.json", "--quiet").returncode == 0
+    for path in outputs:
+        assert (again / path.name).read_bytes() == path.read_bytes()
+    # A resumed run reuses the saved palette instead of fitting a new one.
+    stamp = (out / "palette.json").stat().st_mtime_ns
+    (outputs[0]).unlink()
+    assert cli(src, "-k", 16, "-o", out, "--palette", "shared", "--quiet").returncode == 0
+    assert (out / "palette.json").stat().st_mtime_ns == stamp
+    assert outputs[0].read_bytes() == (again / outputs[0].name).read_bytes()
+
+
+def test_quality_target_picks_the_smallest_k(tmp_path: Path) -> None:
+    from gpu_kquant import quantize
+
+    src = small_folder(tmp_path, ("coffee",))
+    out = tmp_path / "out"
+    result = cli(src, "-k", 64, "-o", out, "--quality", "20-30", "--quiet")
+    assert result.returncode == 0, result.stderr
+    row = read_report(out / "gpu_kquant_report.jsonl")["coffee.png"]
+    k = row["colors"]
+    assert row["psnr"] >= 30 and k < 64
+    img = photo("coffee")[:120, :160]
+    assert quantize(img, k).psnr >= 30 > quantize(img, k - 1).psnr
+    # A target no k can meet: not written, status "quality", exit code 1.
+    strict = cli(src, "-k", 4, "-o", tmp_path / "strict", "--quality", "45-50", "--quiet")
+    assert strict.returncode == 1
+    row = read_report(tmp_path / "strict" / "gpu_kquant_report.jsonl")["coffee.png"]
+    assert row["status"] == "quality" and "below the minimum of 45 dB" in row["reason"] and row["psnr"] < 45
+    assert not (tmp_path / "strict" / "coffee.png").exists()
+
+
+def test_skip_if_larger(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(src / "flat.png", optimize=True)
+    Image.fromarray(photo("coffee")[:64, :64]).save(src / "photo.bmp")
+    result = cli(src, "-k", 8, "-o", tmp_path / "out", "--skip-if-larger", "--quiet")
+    assert result.returncode == 0, result.stderr
+    rows = read_report(tmp_path / "out" / "gpu_kquant_report.jsonl")
+    assert rows["photo.bmp"]["status"] == "ok"
+    flat = rows["flat.png"]
+    if flat["status"] == "larger":
+        assert not (tmp_path / "out" / "flat.png").exists()
+        assert flat["output_bytes"] > flat["input_bytes"]
+    else:  # never written larger than the input
+        assert flat["output_bytes"] <= flat["input_bytes"]
+
+
+@pytest.mark.parametrize("dither", ["fs", "ordered"])
+def test_dithered_outputs_report_their_own_metrics(tmp_path: Path, dither: str) -> None:
+    src = small_folder(tmp_path, ("chelsea",))
+    out = tmp_path / "out"
+    result = cli(src, "-k", 8, "-o", out, "--dither", dither, "--space", "oklab", "--ciede2000", "--quiet")
+    assert result.returncode == 0, result.stderr
+    row = read_report(out / "gpu_kquant_report.jsonl")["chelsea.png"]
+    assert row["dither"] == dither and row["space"] == "oklab"
+    assert row["psnr_blur"] > row["psnr"] and 0 < row["ciede2000"] < 20
+    assert len(Image.open(out / "chelsea.png").getpalette()) // 3 <= 8
+    assert "mean CIEDE2000" in result.stderr

@@ -205,7 +205,7 @@ def test_perceptual_spaces_map_in_their_space(space: str) -> None:
     img = photo("chelsea")
     q = quantize(img, 16, space=space)
     convert = spaces.srgb_to_oklab if space == "oklab" else spaces.srgb_to_lab
-    px = convert(torch.from_numpy(img.reshape(-1, 3)).double() / 255)
+    px = convert(torch.from_numpy(img.reshape(-1, 3).copy()).double() / 255)
     pal = convert(torch.from_numpy(q.palette).double() / 255)
     d = torch.cdist(px, pal)
     chosen = d.gather(1, torch.from_numpy(q.indices.reshape(-1, 1)).long()).squeeze(1)

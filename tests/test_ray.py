@@ -1,0 +1,268 @@
+"""The Ray Data engine: same outputs and report as the local engine, worker deaths, resources, CLI.
+
+One local Ray (2 CPUs, no GPU) is started for the whole module; images are small so that the
+module stays well under a minute or two on a shared 2-core machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from common_utils import photo  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import gpu_kquant.ray as gray  # noqa: E402
+from gpu_kquant.io import TEMP_PREFIX  # noqa: E402
+from gpu_kquant.pipeline import Config, Item, execute, prepare  # noqa: E402
+from gpu_kquant.quantize import Quantized  # noqa: E402
+from gpu_kquant.ray import Quantizer, resources, run_job  # noqa: E402
+from gpu_kquant.report import Row, Summary  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = "gpu_kquant_report.jsonl"
+BAD = {"empty.png", "corrupt.jpg", "truncated.png", "text.png"}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> str:
+    """A local Ray for this module; yields its address for other drivers."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def make_tree(root: Path, n: int = 46, bad: bool = True) -> Path:
+    """``n`` small images of every common kind in nested folders, plus bad files when ``bad``."""
+    names = ("chelsea", "coffee", "astronaut")
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = photo(names[i % 3])
+        h, w = int(rng.integers(64, 161)), int(rng.integers(64, 201))
+        y, x = int(rng.integers(0, img.shape[0] - h)), int(rng.integers(0, img.shape[1] - w))
+        pil = Image.fromarray(img[y : y + h, x : x + w])
+        folder = root / ("a" if i % 2 else "b/c" if i % 3 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        if i % 7 == 0:
+            pil.save(folder / f"img{i:02d}.jpg", quality=90)
+        elif i % 7 == 1:
+            rgba = pil.convert("RGBA")
+            alpha = np.full((h, w), 255, np.uint8)
+            alpha[:, : w // 3] = 0
+            rgba.putalpha(Image.fromarray(alpha))
+            rgba.save(folder / f"img{i:02d}.png")
+        elif i % 7 == 2:
+            pil.convert("L").save(folder / f"img{i:02d}.png")
+        else:
+            pil.save(folder / f"img{i:02d}.png")
+    if bad:
+        (root / "empty.png").write_bytes(b"")
+        (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(rng.integers(0, 256, 500, dtype=np.uint8)))
+        data = next(root.rglob("img*.png")).read_bytes()
+        (root / "b" / "truncated.png").write_bytes(data[: len(data) // 2])
+        (root / "a" / "text.png").write_text("not an image\n")
+        (root / "a" / "notes.txt").write_text("ignored: not an image extension\n")
+    return root
+
+
+def outputs(root: Path) -> dict[str, str]:
+    """SHA-256 of every output under ``root`` by relative path (no report, no temporary files)."""
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != REPORT and not p.name.startswith(TEMP_PREFIX)
+    }
+
+
+def rows(out: Path, tree: Path) -> dict[str, dict]:
+    """Report rows keyed by input path relative to ``tree``, without timings, outputs made relative."""
+    result = {}
+    for line in (out / REPORT).read_text().splitlines():
+        row = json.loads(line)
+        row.pop("seconds")
+        row["output"] = Path(row["output"]).relative_to(out).as_posix()
+        result[Path(row["input"]).relative_to(tree).as_posix()] = row
+    return result
+
+
+def ray_run(config: Config, **kwargs: object) -> Summary:
+    return run_job(prepare(config), config, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tree(tmp_path_factory.mktemp("ray") / "photos")
+
+
+@pytest.fixture(scope="module")
+def local(tree: Path) -> Path:
+    """The local engine's outputs for ``tree`` (k=8)."""
+    out = tree.parent / "local"
+    config = Config(inputs=[tree], k=8, out=out)
+    summary = execute(prepare(config), config)
+    assert summary.counts["ok"] == 46 and summary.counts["failed"] == len(BAD)
+    return out
+
+
+def test_same_outputs_and_report_as_local(ray_cluster: str, tree: Path, local: Path) -> None:
+    out = tree.parent / "ray"
+    seen = []
+    summary = ray_run(Config(inputs=[tree], k=8, out=out), progress=lambda n, px: seen.append((n, px)))
+    assert outputs(out) == outputs(local)
+    assert len(outputs(out)) == 46
+    assert rows(out, tree) == rows(local, tree)
+    failed = {Path(k).name: r["reason"] for k, r in rows(out, tree).items() if r["status"] == "failed"}
+    assert set(failed) == BAD, failed
+    assert summary.counts == {"ok": 46, "failed": len(BAD)} and summary.ignored == 1
+    assert not summary.interrupted and summary.seconds > 0
+    assert len(seen) == 46 + len(BAD) and sum(n for n, _ in seen) == 46 + len(BAD)
+    ok_pixels = sum(r["width"] * r["height"] for r in rows(out, tree).values() if r["status"] == "ok")
+    assert sum(px for _, px in seen) == ok_pixels
+
+
+def test_resume_skips_existing_outputs(
+    ray_cluster: str, tree: Path, local: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tree.parent / "resume"
+    config = Config(inputs=[tree], k=8, out=out)
+    written = list(outputs(local))
+    for rel in written[:-3]:  # a run killed after most outputs were written
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes((local / rel).read_bytes())
+    summary = ray_run(config)
+    assert summary.counts == {"skipped": 43, "ok": 3, "failed": len(BAD)}
+    assert outputs(out) == outputs(local)
+    redone = {r["output"] for r in rows(out, tree).values() if r["status"] == "ok"}
+    assert redone == set(written[-3:])
+
+    def no_ray(*args: object) -> None:
+        raise AssertionError("Ray was used with nothing to do")
+
+    monkeypatch.setattr(gray, "_run", no_ray)
+    good = make_tree(tree.parent / "good", n=3, bad=False)
+    config = Config(inputs=[good], k=8, out=tree.parent / "good_out")
+    for rel in ("img00.jpg", "a/img01.png", "b/c/img02.png"):
+        dst = (config.out / rel).with_suffix(".png")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(b"done before")
+    assert ray_run(config).counts == {"skipped": 3}
+
+
+def crashing(marker: Path, victim: str, always: bool = False) -> type[Quantizer]:
+    """A quantize actor whose process dies (``os._exit``) at ``victim``: once, or every time.
+
+    Before dying it leaves a half-written temporary file, as a write cut short would.
+    """
+
+    class Crashing(Quantizer):
+        def encode(self, item: Item, result: Quantized | Exception) -> Row:
+            if item.task.src.name == victim and (always or not marker.exists()):
+                marker.write_text(str(os.getpid()))
+                item.task.dst.parent.mkdir(parents=True, exist_ok=True)
+                (item.task.dst.parent / f"{TEMP_PREFIX}crash.tmp").write_bytes(b"\x89PNG partial")
+                os._exit(1)
+            return super().encode(item, result)
+
+    return Crashing
+
+
+def assert_complete(out: Path, expected: set[str]) -> None:
+    assert set(outputs(out)) == expected
+    for rel in expected:
+        with Image.open(out / rel) as img:
+            img.load()  # raises on a truncated file
+
+
+def test_killed_worker_is_retried_and_outputs_are_complete(ray_cluster: str, tree: Path, local: Path) -> None:
+    out = tree.parent / "crash"
+    marker = tree.parent / "crashed-once"
+    summary = ray_run(Config(inputs=[tree], k=8, out=out), workers=1, quantizer=crashing(marker, "img10.png"))
+    assert marker.exists(), "the actor never crashed"
+    assert summary.counts == {"ok": 46, "failed": len(BAD)}
+    assert_complete(out, set(outputs(local)))
+    assert outputs(out) == outputs(local)
+
+
+def test_input_that_always_kills_its_worker_fails_alone(
+    ray_cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gray, "RETRIES", 0)  # keep it short: one attempt per pass
+    small = make_tree(tmp_path / "small", n=8, bad=False)
+    out = tmp_path / "out"
+    victim = "img05.png"
+    quantizer = crashing(tmp_path / "marker", victim, always=True)
+    summary = ray_run(Config(inputs=[small], k=8, out=out), workers=1, quantizer=quantizer)
+    assert summary.counts == {"ok": 7, "failed": 1}
+    report = rows(out, small)
+    lost = [r for r in report.values() if r["status"] == "failed"]
+    assert len(lost) == 1 and Path(lost[0]["input"]).name == victim and lost[0]["reason"].startswith("lost:")
+    assert_complete(out, {r["output"] for r in report.values() if r["status"] == "ok"})
+
+
+def test_resources_one_actor_per_gpu() -> None:
+    four = resources(4, cpus=32)
+    assert (four.num_gpus, four.concurrency, four.device) == (1, 4, "cuda")
+    assert four.num_cpus == 1 and four.batch_size == four.sub_batch == 16
+    assert resources(4, cpus=32, workers=2).concurrency == 2  # capped by --workers...
+    assert resources(4, cpus=32, workers=9).concurrency == 4  # ...and by the GPUs
+    assert resources(8, cpus=8).num_cpus < 1  # eight actors leave CPUs to decode
+    assert resources(1, cpus=16, batch_size=32).batch_size == 32
+    assert resources(4, cpus=32, device="cuda:1").num_gpus == 1
+
+
+def test_resources_without_gpus() -> None:
+    one = resources(0, cpus=2)
+    assert (one.num_gpus, one.concurrency, one.device, one.threads) == (0, 1, "cpu", 2)
+    assert one.num_cpus == 1 and one.sub_batch == 4 and one.batch_size == 8
+    two = resources(0, cpus=2, workers=2)
+    assert (two.concurrency, two.threads, two.num_cpus) == (2, 1, 0.5)  # one CPU stays free to decode
+    assert resources(0, cpus=1).num_cpus == 0
+    assert resources(4, cpus=32, device="cpu").num_gpus == 0  # --device cpu on a GPU cluster
+    with pytest.raises(ValueError, match="no GPU"):
+        resources(0, cpus=8, device="cuda")
+
+
+def cli(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "gpu_kquant", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_cli(ray_cluster: str, tmp_path: Path) -> None:
+    small = make_tree(tmp_path / "pics", n=6, bad=False)
+    out = tmp_path / "pics_k8"
+    done = cli(small, "-k", "8", "--engine", "ray", "--ray-address", ray_cluster, "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "6 ok" in done.stderr
+    expected = {p.relative_to(small).with_suffix(".png").as_posix() for p in small.rglob("img*")}
+    assert_complete(out, expected)
+
+    @ray.remote
+    def alive() -> int:
+        return 1
+
+    assert ray.get(alive.remote()) == 1  # joining the cluster did not shut it down
+    first = sorted(expected)[0]
+    (out / first).unlink()
+    done = cli(small, "-k", "8", "--engine", "ray")  # starts (and stops) its own local Ray
+    assert done.returncode == 0, done.stderr
+    assert "1 ok, 5 skipped" in done.stderr
+    assert_complete(out, expected)
+    assert ray.get(alive.remote()) == 1
