@@ -393,14 +393,19 @@ class Pipeline:
     working on different batches keep all cores busy instead.)
     """
 
-    def __init__(self, config: Config, progress: Callable[[int, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        progress: Callable[[int, int], None] | None = None,
+        summary: Summary | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        self.summary = Summary()
+        self.summary = summary or Summary()
         self.report: ReportWriter | None = None
         self._progress = progress
-        self._stage_lock = threading.Lock()
-        self._stop = threading.Event()
+        self._stop = stop or threading.Event()
         self._encode_slots = threading.BoundedSemaphore(2 * config.workers)
         self._quantizers = 1 if self.device.type == "cuda" else max(1, os.cpu_count() or 1)
         # Big batches feed a GPU; on the CPU small ones keep every quantizer busy.
@@ -411,8 +416,7 @@ class Pipeline:
         try:
             return fn(*args)
         finally:
-            with self._stage_lock:
-                self.summary.stage_seconds[stage] += time.perf_counter() - t0
+            self.summary.add_stage(stage, time.perf_counter() - t0)
 
     def _emit(self, row: Row) -> None:
         assert self.report is not None
@@ -481,6 +485,8 @@ class Pipeline:
 
         try:
             for task in tasks:
+                if self._stop.is_set():
+                    raise _Stop()
                 row = precheck(task, cfg, inputs)
                 if row is not None:
                     self._emit(row)
@@ -618,20 +624,64 @@ def configure(job: Job, config: Config, device: torch.device) -> Config:
     return dataclasses.replace(config, fixed_palette=palette, preview_dir=preview_dir, k=k)
 
 
+def devices_for(config: Config) -> list[torch.device]:
+    """Devices a run uses: every GPU when ``--device cuda`` names none and there are several."""
+    device = resolve_device(config.device)
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [device]
+
+
+def split_tasks(tasks: list[Task], parts: int, sharded: bool = False) -> list[list[Task]]:
+    """Deal tasks to ``parts`` workers with the deterministic split of ``--shard``.
+
+    Inside a run that is itself one shard of several, the key is salted: all its
+    tasks share one residue of the outer split, which would send them to one worker.
+    """
+    out: list[list[Task]] = [[] for _ in range(parts)]
+    for task in tasks:
+        out[shard_of(task.key + "#device" if sharded else task.key, parts)].append(task)
+    return out
+
+
 def execute(job: Job, config: Config, progress: Callable[[int, int], None] | None = None) -> Summary:
     """Run a prepared job, writing its report; returns the summary.
 
-    ``progress(images, pixels)`` is called as each input finishes.
+    With several GPUs, one pipeline per GPU works on its own part of the tasks; they
+    share the report. ``progress(images, pixels)`` is called as each input finishes.
     """
     _remove_stale_temps(job.roots)
-    pipeline = Pipeline(config, progress)
-    config = configure(job, config, pipeline.device)
-    pipeline.config = config
-    pipeline.report = open_report(job, config, pipeline.summary)
+    devices = devices_for(config)
+    config = configure(job, config, devices[0])
+    summary = Summary()
+    report = open_report(job, config, summary)
+    stop = threading.Event()
+    pipelines = []
+    for device in devices:
+        pipeline = Pipeline(dataclasses.replace(config, device=str(device)), progress, summary, stop)
+        pipeline.report = report
+        pipelines.append(pipeline)
     try:
-        return pipeline.run(job.tasks)
+        if len(pipelines) == 1:
+            return pipelines[0].run(job.tasks)
+        parts = split_tasks(job.tasks, len(pipelines), sharded=config.shard[1] > 1)
+        start = time.perf_counter()
+        previous = _install_sigterm()
+        with ThreadPoolExecutor(len(pipelines), thread_name_prefix="device") as pool:
+            futures = [pool.submit(p.run, part) for p, part in zip(pipelines, parts)]
+            try:
+                for future in futures:
+                    future.result()
+            except (KeyboardInterrupt, _Stop):
+                stop.set()
+                summary.interrupted = True
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
+        summary.seconds = time.perf_counter() - start
+        return summary
     finally:
-        pipeline.report.close()
+        report.close()
 
 
 def run(config: Config, progress: Callable[[int, int], None] | None = None) -> Summary:

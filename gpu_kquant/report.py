@@ -70,6 +70,12 @@ class Summary:
     stage_seconds: Counter = field(default_factory=Counter)
     interrupted: bool = False
     ignored: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add_stage(self, stage: str, seconds: float) -> None:
+        """Add time spent in a pipeline stage (thread-safe)."""
+        with self._lock:
+            self.stage_seconds[stage] += seconds
 
     def add(self, row: Row) -> None:
         self.counts[row.status] += 1

@@ -409,3 +409,45 @@ def test_dithered_outputs_report_their_own_metrics(tmp_path: Path, dither: str) 
     assert row["psnr_blur"] > row["psnr"] and 0 < row["ciede2000"] < 20
     assert len(Image.open(out / "chelsea.png").getpalette()) // 3 <= 8
     assert "mean CIEDE2000" in result.stderr
+
+
+def test_every_gpu_gets_a_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from gpu_kquant import pipeline
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    devices = pipeline.devices_for(Config([Path(".")], device="cuda"))
+    assert [str(d) for d in devices] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert [str(d) for d in pipeline.devices_for(Config([Path(".")], device="cuda:2"))] == ["cuda:2"]
+
+
+def test_split_between_devices_is_the_shard_split(tmp_path: Path) -> None:
+    from gpu_kquant import pipeline
+
+    tasks = [pipeline.Task(Path(f"{i}.png"), Path(f"o{i}.png"), f"in/{i}.png") for i in range(40)]
+    parts = pipeline.split_tasks(tasks, 3)
+    assert sorted(t.key for p in parts for t in p) == sorted(t.key for t in tasks)
+    assert all(shard_of(t.key, 3) == i for i, p in enumerate(parts) for t in p)
+    # Inside one shard of two, a split in two still balances.
+    mine = [t for t in tasks if shard_of(t.key, 2) == 0]
+    assert all(pipeline.split_tasks(mine, 2, sharded=True))
+
+
+def test_several_devices_share_one_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from gpu_kquant import pipeline
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(12):
+        Image.fromarray(np.roll(photo("chelsea")[:60, :80], i, axis=1)).save(src / f"{i:02d}.png")
+    (src / "bad.png").write_bytes(b"nope")
+    monkeypatch.setattr(pipeline, "devices_for", lambda config: [torch.device("cpu"), torch.device("cpu")])
+    summary = pipeline.run(Config([src], k=4, out=tmp_path / "out", workers=1))
+    assert summary.counts["ok"] == 12 and summary.counts["failed"] == 1
+    assert len(list((tmp_path / "out").glob("*.png"))) == 12
+    rows = (tmp_path / "out" / "gpu_kquant_report.jsonl").read_text().splitlines()
+    assert len(rows) == 13
