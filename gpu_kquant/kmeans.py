@@ -32,7 +32,7 @@ __all__ = [
 
 # Elements of one (batch, chunk, k) distance block: small enough to stay in cache on a
 # CPU, large enough to keep a GPU busy.
-_BLOCK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 26}
+_BLOCK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 26}
 # Smallest k for which Lloyd iterations use Hamerly's bounds.
 _BOUNDS_MIN_K = 24
 

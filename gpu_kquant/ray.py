@@ -67,13 +67,16 @@ from .pipeline import (
 from .quantize import Quantized
 from .report import Row, Summary
 
-__all__ = ["DECODE_BATCH", "RETRIES", "Quantizer", "Resources", "resources", "run_job"]
+__all__ = ["DECODE_BATCH", "RESCUE_MIN", "RETRIES", "Quantizer", "Resources", "resources", "run_job"]
 
 DECODE_BATCH = 4
 """Files per decode task: enough to amortise a task's overhead, few enough to spread them."""
 
 RETRIES = 3
 """Attempts after the first for a decode task or a quantize batch whose worker died."""
+
+RESCUE_MIN = 64
+"""Lost inputs are retried one by one when at most this many (or 5% of the job) were lost."""
 
 _LOST = "lost: its Ray task failed {n} times (worker crash, out of memory or an error; see the Ray logs)"
 
@@ -534,9 +537,10 @@ def _run(
         n_gpus, cpus = cluster_resources()
         plan = resources(n_gpus, cpus, device=config.device, workers=workers, batch_size=config.batch_size)
         lost = _stream(todo, config, plan, quantizer, DECODE_BATCH, emit, stages)
-        if lost and len(lost) < len(todo):
+        if lost and len(lost) <= max(RESCUE_MIN, len(todo) // 20):
             # Something in those batches kills its worker (or raises): redo them one image per
-            # task and per batch, so that only the culprit is lost. Not when nothing worked at all.
+            # task and per batch, so that only the culprit is lost. Not when much of the job
+            # failed: that is no bad file but a broken setup, and one by one would take ages.
             alone = dataclasses.replace(plan, sub_batch=1, batch_size=1)
             lost = _stream(lost, config, alone, quantizer, 1, emit, stages)
             attempts = 2 * (RETRIES + 1)
