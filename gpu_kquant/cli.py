@@ -59,6 +59,16 @@ def _quality(text: str) -> tuple[float, float]:
     return low, high
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a flag's default unless its help already says it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; ``--help`` documents every flag with its default."""
     parser = argparse.ArgumentParser(
@@ -72,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
             "rerunning a command resumes it. Exit codes: 0 all done, 1 some inputs failed, 2 usage error, "
             "130 interrupted."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image files and/or folders (walked recursively)")
     parser.add_argument(
@@ -99,7 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--report", type=Path, default=None, help="JSON-lines report (default: OUT/gpu_kquant_report.jsonl)"
     )
     parser.add_argument(
-        "--shard", type=_shard, default=(0, 1), metavar="I/N", help="process only shard I of N (0-based)"
+        "--shard",
+        type=_shard,
+        default=(0, 1),
+        metavar="I/N",
+        help="process only shard I of N, 0-based (default: all inputs)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
