@@ -152,8 +152,15 @@ def bin_colors(
         raise ValueError(f"bits must be in 1..8, got {bits}")
     coarse = colors.long() >> (8 - bits)
     bin_key = sum(coarse[:, i] << (bits * i) for i in range(colors.shape[1]))
-    uniq, inverse = torch.unique(bin_key, return_inverse=True)
-    n_bins = uniq.shape[0]
+    if bits * colors.shape[1] <= 21:  # a dense table of occupied bins beats sorting
+        occupied = torch.zeros(1 << (bits * colors.shape[1]), dtype=torch.long, device=colors.device)
+        occupied[bin_key] = 1
+        rank = occupied.cumsum(0) - 1
+        inverse = rank[bin_key]
+        n_bins = int(rank[-1]) + 1
+    else:
+        inverse = torch.unique(bin_key, return_inverse=True)[1]
+        n_bins = int(inverse.max()) + 1
     bin_counts = torch.zeros(n_bins, dtype=torch.long, device=colors.device).index_add_(0, inverse, counts)
     means, _ = FixedPointSums(points[None], counts[None].double()).means(inverse[None], n_bins)
     return means[0].float(), bin_counts, inverse

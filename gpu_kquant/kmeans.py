@@ -460,16 +460,16 @@ def _lloyd(
     n_iter = torch.zeros(b, dtype=torch.long, device=dev)
     converged = torch.zeros(b, dtype=torch.bool, device=dev)
     act = torch.arange(b, device=dev)
-    xa, wa, ca, tola, rng = x, w, centroids, tol_abs, in_range
+    xa, wa, ca, tola, rng, pos = x, w, centroids, tol_abs, in_range, w > 0
     # Bounds cost a few passes over the points; they pay off once k is large.
     use_bounds = k >= _BOUNDS_MIN_K
+    upper = lower = None
     if use_bounds:
         labels, lower = nearest_two(xa, ca)
         upper = _dist_to_assigned(xa, ca, labels)
+        d2 = upper.square()
     else:
-        labels, upper = assign(xa, ca)
-        upper.sqrt_()
-        lower = upper
+        labels, d2 = assign(xa, ca)
     stats: list[IterationStats] = []
     for it in range(1, max_iter + 1):
         t0 = time.perf_counter()
@@ -478,7 +478,7 @@ def _lloyd(
         empty = (mass == 0) & rng
         reseeded = torch.zeros(act.shape[0], dtype=torch.long, device=dev)
         if bool(empty.any()):
-            new_c, reseeded = _reseed_empty(xa, wa, upper.square(), new_c, empty)
+            new_c, reseeded = _reseed_empty(xa, wa, d2, new_c, empty)
         shift = (new_c - ca).square().sum(-1)
         ca = new_c
         old = labels
@@ -488,13 +488,13 @@ def _lloyd(
             upper = _dist_to_assigned(xa, ca, labels)
             bound = torch.maximum(_half_separation(ca, rng).gather(1, labels), lower)
             _reassign(xa, ca, labels, upper, lower, upper >= bound)
+            d2 = upper.square()
         else:
-            labels, upper = assign(xa, ca)
-            upper.sqrt_()
-        changed = ((labels != old) & (wa > 0)).any(1)
+            labels, d2 = assign(xa, ca)
+        changed = ((labels != old) & pos).any(1)
         done = ((shift.sum(1, dtype=torch.float64) <= tola) | ~changed) & (reseeded == 0)
         n_iter[act] = it
-        inertia = (wa * upper.square()).sum(1, dtype=torch.float64)
+        inertia = (wa * d2).sum(1, dtype=torch.float64)
         n_done, n_reseeded, inertia_f = torch.stack(
             [done.sum().double(), reseeded.sum().double(), inertia.sum()]
         ).tolist()
@@ -503,14 +503,16 @@ def _lloyd(
             fin = act[done]
             out_c[fin], out_labels[fin], out_inertia[fin], converged[fin] = ca[done], labels[done], inertia[done], True
             keep = ~done
-            act, xa, wa, ca, tola, rng = act[keep], xa[keep], wa[keep], ca[keep], tola[keep], rng[keep]
-            labels, upper, lower = labels[keep], upper[keep], lower[keep]
+            act, xa, wa, ca, tola, rng, pos = act[keep], xa[keep], wa[keep], ca[keep], tola[keep], rng[keep], pos[keep]
+            labels, d2 = labels[keep], d2[keep]
+            if use_bounds:
+                upper, lower = upper[keep], lower[keep]
             sums.select(keep)
             if act.numel() == 0:
                 break
     if act.numel():
         out_c[act], out_labels[act] = ca, labels
-        out_inertia[act] = (wa * upper.square()).sum(1, dtype=torch.float64)
+        out_inertia[act] = (wa * d2).sum(1, dtype=torch.float64)
     return KMeansResult(out_c, out_labels, out_inertia, n_iter, converged, n_eff, tuple(stats))
 
 

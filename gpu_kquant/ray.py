@@ -54,6 +54,7 @@ from .pipeline import (
     Config,
     Item,
     Job,
+    JobError,
     Task,
     _remove_stale_temps,
     configure,
@@ -129,11 +130,11 @@ def resources(
     Raises:
         ValueError: CUDA was asked for and the cluster has no GPU.
     """
-    kind = "cpu" if device is None or device == "auto" else device.split(":")[0]
+    kind = None if device in (None, "auto") else device.split(":")[0]
     if kind == "cuda" and n_gpus < 1:
         raise ValueError(f"device {device!r} was requested but the Ray cluster has no GPU")
     cpus = max(1, int(cpus))
-    use_gpu = n_gpus >= 1 and (device is None or device == "auto" or kind == "cuda")
+    use_gpu = n_gpus >= 1 and kind != "cpu"
     if use_gpu:
         concurrency = max(1, min(workers or n_gpus, int(n_gpus)))
         threads = max(1, min(8, cpus // (2 * concurrency)))  # encoders; the other half of the CPUs decode
@@ -348,7 +349,11 @@ def _connected(address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"join the Ray cluster at {address}" if address else "start a local Ray"
+        raise JobError(f"cannot {where}: {exc}") from None
     try:
         yield
     finally:
@@ -383,7 +388,9 @@ def _quiet_ray_data() -> Iterator[None]:
 @contextlib.contextmanager
 def _data_context(**settings: Any) -> Iterator[None]:
     """Set DataContext attributes (those this Ray version has) for the datasets built inside."""
-    ctx = ray.data.DataContext.get_current()
+    with warnings.catch_warnings():  # Ray's own deprecated fields warn when the context is created
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx = ray.data.DataContext.get_current()
     saved = {name: getattr(ctx, name) for name in settings if hasattr(ctx, name)}
     for name in saved:
         setattr(ctx, name, settings[name])
@@ -407,14 +414,24 @@ def build_dataset(
     plan: Resources,
     quantizer: type[Quantizer] = Quantizer,
     *,
-    decode_batch: int = DECODE_BATCH,
+    alone: bool = False,
 ) -> ray.data.Dataset:
-    """The lazy dataset: paths -> decode tasks -> quantize actors -> report rows."""
+    """The lazy dataset: paths -> decode tasks -> quantize actors -> report rows.
+
+    ``alone`` puts one image in each decode task and each actor call, with one call in
+    flight per actor, so that an image that kills its worker takes no other with it.
+    """
+    decode_batch = 1 if alone else DECODE_BATCH
+    if alone:
+        plan = dataclasses.replace(plan, sub_batch=1, batch_size=1)
+    # no more actors than batches: each one is a new process that imports PyTorch
+    plan = dataclasses.replace(plan, concurrency=max(1, min(plan.concurrency, math.ceil(len(tasks) / plan.batch_size))))
     items = [{"i": i, "src": str(t.src), "dst": str(t.dst), "key": t.key} for i, t in tasks]
-    ds = _from_items(items, max(1, math.ceil(len(items) / decode_batch)))
     with warnings.catch_warnings():
-        # max_retries/max_restarts have no named parameter yet: pass them as remote args
+        # Ray deprecates remote args without a named parameter (max_retries, max_restarts,
+        # max_task_retries) and some of its own DataContext fields; neither concerns users.
         warnings.simplefilter("ignore", DeprecationWarning)
+        ds = _from_items(items, max(1, math.ceil(len(items) / decode_batch)))
         ds = ds.map_batches(
             decode_files,
             batch_size=decode_batch,
@@ -425,11 +442,12 @@ def build_dataset(
         )
         # config.fixed_palette (--palette FILE or shared, resolved on the driver) travels to
         # every actor inside config, so they all map to the same palette.
+        pool = {"size": plan.concurrency, **({"max_tasks_in_flight_per_actor": 1} if alone else {})}
         return ds.map_batches(
             quantizer,
             batch_size=plan.batch_size,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=plan.concurrency),
+            compute=ray.data.ActorPoolStrategy(**pool),
             fn_constructor_kwargs={
                 "config": config,
                 "device": plan.device,
@@ -533,16 +551,19 @@ def _run(
         "print_on_execution_start": False,
         "max_errored_blocks": -1,  # a batch that exhausted its retries is handled below, not fatal
     }
-    with _connected(address), _data_context(**settings), _quiet_ray_data():
+    # SIGTERM again once connected: Ray's core installs its own handler, which just dies
+    with _connected(address), _sigterm_stops(), _data_context(**settings), _quiet_ray_data():
         n_gpus, cpus = cluster_resources()
-        plan = resources(n_gpus, cpus, device=config.device, workers=workers, batch_size=config.batch_size)
-        lost = _stream(todo, config, plan, quantizer, DECODE_BATCH, emit, stages)
+        try:
+            plan = resources(n_gpus, cpus, device=config.device, workers=workers, batch_size=config.batch_size)
+        except ValueError as exc:
+            raise JobError(str(exc)) from None
+        lost = _stream(todo, config, plan, quantizer, emit, stages)
         if lost and len(lost) <= max(RESCUE_MIN, len(todo) // 20):
             # Something in those batches kills its worker (or raises): redo them one image per
             # task and per batch, so that only the culprit is lost. Not when much of the job
             # failed: that is no bad file but a broken setup, and one by one would take ages.
-            alone = dataclasses.replace(plan, sub_batch=1, batch_size=1)
-            lost = _stream(lost, config, alone, quantizer, 1, emit, stages)
+            lost = _stream(lost, config, plan, quantizer, emit, stages, alone=True)
             attempts = 2 * (RETRIES + 1)
         else:
             attempts = RETRIES + 1
@@ -555,12 +576,13 @@ def _stream(
     config: Config,
     plan: Resources,
     quantizer: type[Quantizer],
-    decode_batch: int,
     emit: Callable[[Row], None],
     stages: Counter,
+    *,
+    alone: bool = False,
 ) -> list[tuple[int, Task]]:
     """Run one dataset over ``todo``, emitting rows as they arrive; returns the tasks without a row."""
-    ds = build_dataset(todo, config, plan, quantizer, decode_batch=decode_batch)
+    ds = build_dataset(todo, config, plan, quantizer, alone=alone)
     seen: set[int] = set()
     batches = ds.iter_batches(batch_size=None, batch_format="numpy")
     try:
