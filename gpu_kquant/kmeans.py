@@ -198,13 +198,15 @@ def _reseed_empty(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Move each empty centroid onto a distinct worst-fit point of its problem.
 
-    The worst-fit points are those with the largest weighted squared error. An empty
-    centroid with no badly fit point left keeps its position (never NaN, never zero).
-    Returns the new centroids and the number re-seeded per problem.
+    The worst-fit points are the farthest from their centroid among points with
+    positive weight (scikit-learn's rule; it does not depend on the weights, so integer
+    weights and repeated points behave alike). An empty centroid with no badly fit point
+    left keeps its position (never NaN, never zero). Returns the new centroids and the
+    number re-seeded per problem.
     """
     n_empty = empty.sum(1)
     most = int(n_empty.max())
-    score = torch.where(weights > 0, weights * min_d2, torch.full_like(min_d2, -1.0))
+    score = torch.where(weights > 0, min_d2, torch.full_like(min_d2, -1.0))
     top_score, top_idx = score.topk(min(most, score.shape[1]), dim=1)
     rank = (empty.cumsum(1) - 1).clamp_(0, top_idx.shape[1] - 1)
     src = top_idx.gather(1, rank)

@@ -80,8 +80,12 @@ def test_integer_weights_equal_repeated_points(problem: tuple[torch.Tensor, torc
     init = distinct[:k]
     weighted = kmeans(x, k, weights=w, init=init, tol=0.0)
     repeated = kmeans(x.repeat_interleave(w.long(), 0), k, init=init, tol=0.0)
-    assert torch.allclose(weighted.centroids, repeated.centroids, atol=1e-5)
     assert float(weighted.inertia[0]) == pytest.approx(float(repeated.inertia[0]), rel=1e-5, abs=1e-5)
+    # Same clustering; when empty clusters are re-seeded, copies of one point may tie,
+    # so compare the centroids as a set.
+    a = sorted(map(tuple, weighted.centroids[0].tolist()))
+    b = sorted(map(tuple, repeated.centroids[0].tolist()))
+    assert np.allclose(a, b, atol=1e-5)
 
 
 def test_matches_sklearn_quality_on_blobs() -> None:
