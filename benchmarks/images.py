@@ -11,6 +11,7 @@ scaling curves (bigger images are the same picture at a higher resolution).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from PIL import Image
 __all__ = [
     "MOSAIC_SIZE",
     "PHOTOS",
+    "distinct_colors",
     "image_of_size",
     "load_images",
     "mosaic",
@@ -95,7 +97,7 @@ def mosaic(width: int, height: int, index: int = 0, rows: int = ROWS) -> np.ndar
     out = np.empty((height, width, 3), dtype=np.uint8)
     bounds = [round(r * height / rows) for r in range(rows + 1)]
     tile = 0
-    for top, bottom in zip(bounds[:-1], bounds[1:]):
+    for top, bottom in itertools.pairwise(bounds):
         x = 0
         while x < width:
             img = _resize_to_height(photo(names[tile % len(names)]), bottom - top)
@@ -145,3 +147,9 @@ def save_png(image: np.ndarray, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path)
     return path
+
+
+def distinct_colors(image: np.ndarray) -> int:
+    """Number of distinct RGB colours in an (H, W, 3) uint8 image."""
+    rgb = image.reshape(-1, 3).astype(np.uint32)
+    return int(np.unique((rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]).size)

@@ -173,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="local threads, or a Ray cluster (needs the 'ray' extra)",
     )
     parser.add_argument(
+        "--ray-workers",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="quantize actors with --engine ray (default: one per GPU of the cluster, or 1)",
+    )
+    parser.add_argument(
         "--ray-address",
         default=None,
         metavar="ADDRESS",
@@ -203,10 +210,12 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config
             parser.error(f"cannot read palette {args.palette}: {exc}")
         if size > top:
             parser.error(f"palette {args.palette} has {size} colours; --format {args.format} holds at most {top}")
-    try:
-        device = str(resolve_device(args.device))
-    except ValueError as exc:
-        parser.error(str(exc))
+    device = args.device
+    if args.engine == "local":  # a Ray driver may have no GPU while its workers do
+        try:
+            device = str(resolve_device(args.device))
+        except ValueError as exc:
+            parser.error(str(exc))
     return Config(
         inputs=inputs,
         k=args.k,
@@ -256,9 +265,11 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(images)
 
             if args.engine == "ray":
-                from .ray import run_job  # optional dependency, imported only when asked for
-
-                summary = run_job(job, config, address=args.ray_address, progress=progress)
+                try:
+                    from .ray import run_job  # optional dependency, imported only when asked for
+                except ModuleNotFoundError as exc:
+                    parser.error(str(exc))
+                summary = run_job(job, config, address=args.ray_address, progress=progress, workers=args.ray_workers)
             else:
                 summary = execute(job, config, progress)
     except KeyboardInterrupt:

@@ -1,13 +1,10 @@
-"""Device selection and numeric settings shared by the engine and the pipeline."""
+"""Device selection shared by the engine, the quantizer and the pipeline."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
-__all__ = ["exact_float32_matmul", "resolve_device"]
+__all__ = ["resolve_device"]
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -32,27 +29,3 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     elif dev.type != "cpu":
         raise ValueError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
     return dev
-
-
-@contextlib.contextmanager
-def exact_float32_matmul() -> Iterator[None]:
-    """Run float32 matmuls in full IEEE precision inside the block.
-
-    TF32 keeps a 10-bit mantissa, which flips nearest-centroid argmins; the user's
-    global setting is restored on exit.
-    """
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        saved = matmul.fp32_precision
-        matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = saved
-    else:  # older torch
-        saved_flag = matmul.allow_tf32
-        matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = saved_flag

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .device import exact_float32_matmul, resolve_device
+from .device import resolve_device
 from .reduce import FixedPointSums
 
 __all__ = [
@@ -96,14 +96,22 @@ def _chunk(batch: int, width: int, device: torch.device) -> int:
     return max(1, budget // max(1, batch * width))
 
 
-def _sq_dists(x: torch.Tensor, c: torch.Tensor, exact: bool) -> torch.Tensor:
-    """Squared distances (B, n, m) between x (B, n, D) and c (B, m, D).
+# cdist's matrix-multiply form (|x|^2 - 2xc + |c|^2) is chosen by block size, and its
+# rounding then depends on which other points share the block (the batch, the chunk),
+# so near-ties could flip between a batched run and a run alone. Differences computed
+# directly give every distance the same bits whatever the block, and coincident points
+# are exactly zero apart (which init relies on to count distinct points).
+_CDIST_MODE = "donot_use_mm_for_euclid_dist"
 
-    ``exact`` computes differences directly, so that coincident points are at
-    distance exactly zero (needed to count distinct points during init).
-    """
-    mode = "donot_use_mm_for_euclid_dist" if exact else "use_mm_for_euclid_dist_if_necessary"
-    return torch.cdist(x, c, compute_mode=mode).square_()
+
+def _cdist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Distances (B, n, m) between x (B, n, D) and c (B, m, D), independent of blocking."""
+    return torch.cdist(x, c, compute_mode=_CDIST_MODE)
+
+
+def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Squared distances (B, n, m) between x (B, n, D) and c (B, m, D)."""
+    return _cdist(x, c).square_()
 
 
 def assign(points: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,11 +129,10 @@ def assign(points: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor,
     labels = torch.empty((b, n), dtype=torch.long, device=points.device)
     min_d2 = torch.empty((b, n), dtype=points.dtype, device=points.device)
     step = _chunk(b, centroids.shape[1], points.device)
-    with exact_float32_matmul():
-        for s in range(0, n, step):
-            dist, idx = torch.cdist(points[:, s : s + step], centroids).min(dim=2)
-            min_d2[:, s : s + step] = dist
-            labels[:, s : s + step] = idx
+    for s in range(0, n, step):
+        dist, idx = _cdist(points[:, s : s + step], centroids).min(dim=2)
+        min_d2[:, s : s + step] = dist
+        labels[:, s : s + step] = idx
     return labels, min_d2.square_()
 
 
@@ -170,7 +177,7 @@ def kmeans_plusplus(
     centres = points.new_empty((b, k, d))
     first = _sample(weights.double().cumsum(1), uniforms[:, 0, :1])
     centres[:, 0] = points[rows, first[:, 0]]
-    closest = _sq_dists(points, centres[:, :1], exact=True)[..., 0]
+    closest = _sq_dists(points, centres[:, :1])[..., 0]
     n_eff = torch.ones(b, dtype=torch.long, device=points.device)
     step = _chunk(b, n_cand, points.device)
     for c in range(1, k):
@@ -179,12 +186,12 @@ def kmeans_plusplus(
         cand_x = _gather_rows(points, _sample(cum, uniforms[:, c, :]))
         potential = torch.zeros((b, n_cand), dtype=torch.float64, device=points.device)
         for s in range(0, n, step):
-            d2 = _sq_dists(points[:, s : s + step], cand_x, exact=True)
+            d2 = _sq_dists(points[:, s : s + step], cand_x)
             d2 = torch.minimum(d2, closest[:, s : s + step, None])
             potential += (weights[:, s : s + step, None] * d2).sum(1, dtype=torch.float64)
         best = cand_x[rows, potential.argmin(1)]
         centres[:, c] = torch.where(alive[:, None], best, centres[:, c - 1])
-        closest = torch.minimum(closest, _sq_dists(points, best[:, None], exact=True)[..., 0])
+        closest = torch.minimum(closest, _sq_dists(points, best[:, None])[..., 0])
         n_eff += alive
     return centres, n_eff
 
@@ -337,13 +344,12 @@ def nearest_two(points: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Te
     labels = torch.empty((b, n), dtype=torch.long, device=points.device)
     second = torch.full((b, n), math.inf, dtype=points.dtype, device=points.device)
     step = _chunk(b, k, points.device)
-    with exact_float32_matmul():
-        for s in range(0, n, step):
-            dist = torch.cdist(points[:, s : s + step], centroids)
-            idx = dist.argmin(2)
-            labels[:, s : s + step] = idx
-            if k > 1:
-                second[:, s : s + step] = dist.scatter_(2, idx[..., None], math.inf).amin(2)
+    for s in range(0, n, step):
+        dist = _cdist(points[:, s : s + step], centroids)
+        idx = dist.argmin(2)
+        labels[:, s : s + step] = idx
+        if k > 1:
+            second[:, s : s + step] = dist.scatter_(2, idx[..., None], math.inf).amin(2)
     return labels, second
 
 
@@ -362,8 +368,7 @@ def _dist_to_assigned(points: torch.Tensor, centroids: torch.Tensor, labels: tor
 
 def _half_separation(centroids: torch.Tensor, in_range: torch.Tensor) -> torch.Tensor:
     """Half the distance from each centroid to its nearest other real centroid (B, k)."""
-    with exact_float32_matmul():
-        sep = torch.cdist(centroids, centroids)
+    sep = _cdist(centroids, centroids)
     k = centroids.shape[1]
     eye = torch.eye(k, dtype=torch.bool, device=centroids.device)
     sep.masked_fill_(eye | ~in_range[:, None, :], math.inf)

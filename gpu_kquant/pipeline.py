@@ -180,7 +180,7 @@ def _resolve_collisions(tasks: list[Task], fmt: str) -> list[Task]:
     return [Task(t.src, t.dst.with_name(f"{t.src.name}.{fmt}"), t.key) if by_dst[t.dst] > 1 else t for t in tasks]
 
 
-def _remove_stale_temps(roots: list[Path]) -> None:
+def remove_stale_temps(roots: list[Path]) -> None:
     """Delete temporary files a killed run left behind (old enough not to be in use)."""
     now = time.time()
     for root in roots:
@@ -650,7 +650,7 @@ def execute(job: Job, config: Config, progress: Callable[[int, int], None] | Non
     With several GPUs, one pipeline per GPU works on its own part of the tasks; they
     share the report. ``progress(images, pixels)`` is called as each input finishes.
     """
-    _remove_stale_temps(job.roots)
+    remove_stale_temps(job.roots)
     devices = devices_for(config)
     config = configure(job, config, devices[0])
     summary = Summary()

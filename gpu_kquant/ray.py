@@ -13,9 +13,12 @@ Stages (``python -m gpu_kquant DIR --engine ray [--ray-address ADDRESS]``):
 
 A decoded image crosses the object store once (decode task -> actor); execution is
 streaming, so the store holds a bounded window of images, not the dataset. Workers that
-die are restarted and their batches retried; writes are atomic, so no output is ever
-truncated. Needs the ``ray`` extra (``pip install "gpu_kquant[ray]"``); importing
-:mod:`gpu_kquant` does not import this module.
+die are restarted and their batches retried (a batch that keeps failing is redone one
+image at a time, so only the culprit gets a failed row); writes are atomic, so no output
+is ever truncated. ``--palette`` and ``--preview`` are resolved once on the driver, as in
+the local engine, and travel to the actors inside the config. Inputs and outputs must be
+on a file system every node sees at the same paths. Needs the ``ray`` extra (``pip
+install "gpu_kquant[ray]"``); importing :mod:`gpu_kquant` does not import this module.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import json
 import logging
 import math
 import signal
+import socket
 import threading
 import time
 import warnings
@@ -56,7 +60,6 @@ from .pipeline import (
     Job,
     JobError,
     Task,
-    _remove_stale_temps,
     configure,
     decode_task,
     encode_item,
@@ -64,14 +67,27 @@ from .pipeline import (
     open_report,
     precheck,
     quantize_items,
+    remove_stale_temps,
 )
 from .quantize import Quantized
 from .report import Row, Summary
 
-__all__ = ["DECODE_BATCH", "RESCUE_MIN", "RETRIES", "Quantizer", "Resources", "resources", "run_job"]
+__all__ = [
+    "DECODE_BATCH",
+    "MAX_INPUT_BLOCKS",
+    "RESCUE_MIN",
+    "RETRIES",
+    "Quantizer",
+    "Resources",
+    "resources",
+    "run_job",
+]
 
 DECODE_BATCH = 4
 """Files per decode task: enough to amortise a task's overhead, few enough to spread them."""
+
+MAX_INPUT_BLOCKS = 10_000
+"""Blocks of paths at most; beyond ``DECODE_BATCH * MAX_INPUT_BLOCKS`` files, a decode task takes several batches."""
 
 RETRIES = 3
 """Attempts after the first for a decode task or a quantize batch whose worker died."""
@@ -95,7 +111,7 @@ class Resources:
         concurrency: number of actors.
         threads: quantize (CPU) or encode (GPU) threads inside one actor.
         sub_batch: images per batched k-means (``--batch-size``).
-        batch_size: images per actor call (``sub_batch`` per thread on the CPU).
+        batch_size: images per actor call (two ``sub_batch`` per thread on the CPU).
     """
 
     num_gpus: int
@@ -144,7 +160,7 @@ def resources(
         concurrency = max(1, workers or 1)
         threads = max(1, cpus // concurrency)
         sub_batch = batch_size or 4
-        size = sub_batch * threads
+        size = sub_batch * threads * 2  # two groups per thread: a call waits for its slowest thread
     num_cpus = math.floor(min(1.0, (cpus - 1) / concurrency) * 100) / 100
     return Resources(1 if use_gpu else 0, num_cpus, concurrency, threads, sub_batch, size)
 
@@ -249,7 +265,10 @@ class Quantizer:
         self.sub_batch = sub_batch
         if self.device.type == "cpu":
             torch.set_num_threads(1)
-        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="gpu_kquant")
+        self.threads = max(1, threads)
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="gpu_kquant")
+        # CPU: groups on parallel single-threaded quantizers; GPU: one group at a time, encoders behind
+        self.parallel_groups = self.device.type == "cpu"
 
     def encode(self, item: Item, result: Quantized | Exception) -> Row:
         """Write one output and return its row (a method, so tests can make it fail)."""
@@ -289,9 +308,12 @@ class Quantizer:
             decoded = Decoded(batch["pixels"][j], json.loads(str(batch["notes"][j])))
             items.append(Item(task, decoded, int(batch["input_bytes"][j]), float(batch["seconds"][j])))
             index[id(items[-1])] = j
-        groups = _groups(items, self.sub_batch, self.config.batch_pixels)
+        size = self.sub_batch
+        if self.parallel_groups:  # a short batch (the last one) still keeps every thread busy
+            size = max(1, min(size, math.ceil(len(items) / self.threads)))
+        groups = _groups(items, size, self.config.batch_pixels)
         done: list[tuple[Item, Row, float, float]] = []
-        if self.device.type == "cpu":
+        if self.parallel_groups:
             for group, out in zip(groups, self._pool.map(self._process, groups)):
                 done += [(item, *res) for item, res in zip(group, out)]
         else:
@@ -340,6 +362,16 @@ def _sigterm_stops() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """Fail fast on a HOST:PORT nobody listens on (Ray itself keeps retrying, deaf to Ctrl-C)."""
+    if not address or "://" in address or address == "auto" or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    if port.isdigit():
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+
+
 @contextlib.contextmanager
 def _connected(address: str | None) -> Iterator[None]:
     """Join ``address`` or start a local Ray; leaves an existing connection alone.
@@ -349,10 +381,11 @@ def _connected(address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    where = f"join the Ray cluster at {address}" if address else "start a local Ray"
     try:
+        _check_reachable(address)
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = f"join the Ray cluster at {address}" if address else "start a local Ray"
+    except (OSError, RuntimeError, ValueError) as exc:
         raise JobError(f"cannot {where}: {exc}") from None
     try:
         yield
@@ -431,7 +464,7 @@ def build_dataset(
         # Ray deprecates remote args without a named parameter (max_retries, max_restarts,
         # max_task_retries) and some of its own DataContext fields; neither concerns users.
         warnings.simplefilter("ignore", DeprecationWarning)
-        ds = _from_items(items, max(1, math.ceil(len(items) / decode_batch)))
+        ds = _from_items(items, max(1, min(MAX_INPUT_BLOCKS, math.ceil(len(items) / decode_batch))))
         ds = ds.map_batches(
             decode_files,
             batch_size=decode_batch,
@@ -499,7 +532,7 @@ def run_job(
     Ctrl-C (or SIGTERM) stops early and returns the summary with ``interrupted=True``.
     """
     start = time.perf_counter()
-    _remove_stale_temps(job.roots)
+    remove_stale_temps(job.roots)
     # The fixed palette (--palette FILE or shared) and the preview folder, decided once as in
     # the local engine. TODO(shared palette on Ray): --palette shared fits its histogram here on
     # the driver (pipeline.shared_histogram, one machine's threads); on a cluster that pass should
@@ -584,7 +617,8 @@ def _stream(
     """Run one dataset over ``todo``, emitting rows as they arrive; returns the tasks without a row."""
     ds = build_dataset(todo, config, plan, quantizer, alone=alone)
     seen: set[int] = set()
-    batches = ds.iter_batches(batch_size=None, batch_format="numpy")
+    # no prefetching: rows are tiny, and a prefetched batch is only handed over with the next one
+    batches = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
     try:
         for batch in batches:
             for j in range(len(batch["i"])):

@@ -1,7 +1,8 @@
 """The Ray Data engine: same outputs and report as the local engine, worker deaths, resources, CLI.
 
-One local Ray (2 CPUs, no GPU) is started for the whole module; images are small so that the
-module stays well under a minute or two on a shared 2-core machine.
+One local Ray (2 CPUs, no GPU) is started for the whole module and images are small: about
+two minutes on a 2-core machine, most of it starting Ray and its worker processes (each one
+imports PyTorch).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from common_utils import photo  # noqa: E402
+from common_utils import needs_cuda, photo  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import gpu_kquant.ray as gray  # noqa: E402
@@ -34,7 +36,7 @@ BAD = {"empty.png", "corrupt.jpg", "truncated.png", "text.png"}
 
 
 @pytest.fixture(scope="module")
-def ray_cluster() -> str:
+def ray_cluster() -> Iterator[str]:
     """A local Ray for this module; yields its address for other drivers."""
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
@@ -85,6 +87,18 @@ def outputs(root: Path) -> dict[str, str]:
     }
 
 
+def assert_same_outputs(out: Path, local: Path) -> None:
+    """Byte-identical outputs at the same relative paths as the local engine's."""
+    mine, theirs = outputs(out), outputs(local)
+    assert set(mine) == set(theirs)
+    differ = sorted(rel for rel in mine if mine[rel] != theirs[rel])
+    assert not differ, (
+        f"outputs differ from the local engine's: {differ}. The engines batch images differently, so this "
+        "means an image's result depends on the other images in its k-means batch (it must not: "
+        "see quantize_batch's docstring)"
+    )
+
+
 def rows(out: Path, tree: Path) -> dict[str, dict]:
     """Report rows keyed by input path relative to ``tree``, without timings, outputs made relative."""
     result = {}
@@ -119,7 +133,7 @@ def test_same_outputs_and_report_as_local(ray_cluster: str, tree: Path, local: P
     out = tree.parent / "ray"
     seen = []
     summary = ray_run(Config(inputs=[tree], k=8, out=out), progress=lambda n, px: seen.append((n, px)))
-    assert outputs(out) == outputs(local)
+    assert_same_outputs(out, local)
     assert len(outputs(out)) == 46
     assert rows(out, tree) == rows(local, tree)
     failed = {Path(k).name: r["reason"] for k, r in rows(out, tree).items() if r["status"] == "failed"}
@@ -142,7 +156,7 @@ def test_resume_skips_existing_outputs(
         (out / rel).write_bytes((local / rel).read_bytes())
     summary = ray_run(config)
     assert summary.counts == {"skipped": 43, "ok": 3, "failed": len(BAD)}
-    assert outputs(out) == outputs(local)
+    assert_same_outputs(out, local)
     redone = {r["output"] for r in rows(out, tree).values() if r["status"] == "ok"}
     assert redone == set(written[-3:])
 
@@ -157,6 +171,27 @@ def test_resume_skips_existing_outputs(
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(b"done before")
     assert ray_run(config).counts == {"skipped": 3}
+
+
+def test_shared_palette_same_as_local(ray_cluster: str, tmp_path: Path) -> None:
+    small = make_tree(tmp_path / "small", n=8, bad=False)
+    configs = {name: Config(inputs=[small], k=8, out=tmp_path / name, palette="shared") for name in ("local", "ray")}
+    execute(prepare(configs["local"]), configs["local"])
+    summary = ray_run(configs["ray"])
+    assert summary.counts == {"ok": 8}
+    assert (tmp_path / "ray" / "palette.json").exists()
+    assert_same_outputs(tmp_path / "ray", tmp_path / "local")
+
+
+@needs_cuda
+def test_gpu_actors_same_as_local(ray_cluster: str, tree: Path, tmp_path: Path) -> None:
+    assert ray.cluster_resources().get("GPU", 0) >= 1
+    configs = {name: Config(inputs=[tree], k=8, out=tmp_path / name, device="cuda") for name in ("local", "ray")}
+    execute(prepare(configs["local"]), configs["local"])
+    summary = ray_run(configs["ray"])
+    assert summary.counts == {"ok": 46, "failed": len(BAD)}
+    assert_same_outputs(tmp_path / "ray", tmp_path / "local")
+    assert rows(tmp_path / "ray", tree) == rows(tmp_path / "local", tree)
 
 
 def crashing(marker: Path, victim: str, always: bool = False) -> type[Quantizer]:
@@ -191,7 +226,7 @@ def test_killed_worker_is_retried_and_outputs_are_complete(ray_cluster: str, tre
     assert marker.exists(), "the actor never crashed"
     assert summary.counts == {"ok": 46, "failed": len(BAD)}
     assert_complete(out, set(outputs(local)))
-    assert outputs(out) == outputs(local)
+    assert_same_outputs(out, local)
 
 
 def test_input_that_always_kills_its_worker_fails_alone(
@@ -210,6 +245,35 @@ def test_input_that_always_kills_its_worker_fails_alone(
     assert_complete(out, {r["output"] for r in report.values() if r["status"] == "ok"})
 
 
+@pytest.mark.parametrize("parallel_groups", [True, False], ids=["cpu-threads", "gpu-style"])
+def test_stages_in_process(tmp_path: Path, parallel_groups: bool) -> None:
+    """decode_files and Quantizer called directly (no Ray): the same rows and bytes as the local engine.
+
+    With one batch in task order and the local engine's batch size, both engines form the
+    same k-means batches. ``gpu-style`` runs the GPU actor's path (groups one after another,
+    encoders in threads) on the CPU.
+    """
+    small = make_tree(tmp_path / "small", n=7)
+    local = Config(inputs=[small], k=8, out=tmp_path / "local", batch_size=2)
+    execute(prepare(local), local)
+    config = Config(inputs=[small], k=8, out=tmp_path / "direct", batch_size=2)
+    tasks = prepare(config).tasks
+    batch = {
+        "i": np.arange(len(tasks)),
+        "src": np.asarray([str(t.src) for t in tasks], dtype=object),
+        "dst": np.asarray([str(t.dst) for t in tasks], dtype=object),
+        "key": np.asarray([t.key for t in tasks], dtype=object),
+    }
+    quantizer = Quantizer(config, "cpu", threads=2, sub_batch=2)
+    quantizer.parallel_groups = parallel_groups
+    result = quantizer(gray.decode_files(batch, config, Image.MAX_IMAGE_PIXELS))
+    assert list(result["i"]) == list(range(len(tasks)))
+    assert (result["decode_s"] >= 0).all() and (result["encode_s"] >= 0).all()
+    (tmp_path / "direct" / REPORT).write_text("".join(gray._row_from_json(r).to_json() + "\n" for r in result["row"]))
+    assert rows(tmp_path / "direct", small) == rows(tmp_path / "local", small)
+    assert_same_outputs(tmp_path / "direct", tmp_path / "local")
+
+
 def test_resources_one_actor_per_gpu() -> None:
     four = resources(4, cpus=32)
     assert (four.num_gpus, four.concurrency, four.device) == (1, 4, "cuda")
@@ -224,7 +288,7 @@ def test_resources_one_actor_per_gpu() -> None:
 def test_resources_without_gpus() -> None:
     one = resources(0, cpus=2)
     assert (one.num_gpus, one.concurrency, one.device, one.threads) == (0, 1, "cpu", 2)
-    assert one.num_cpus == 1 and one.sub_batch == 4 and one.batch_size == 8
+    assert one.num_cpus == 1 and one.sub_batch == 4 and one.batch_size == 16
     two = resources(0, cpus=2, workers=2)
     assert (two.concurrency, two.threads, two.num_cpus) == (2, 1, 0.5)  # one CPU stays free to decode
     assert resources(0, cpus=1).num_cpus == 0
