@@ -41,15 +41,15 @@ class ColorHistogram:
         pixels = to_tensor(image).to(self.device)
         return self.add_colors(color_set(pack(pixels), pixels.shape[2]))
 
-    def add_colors(self, cs: ColorSet) -> ColorHistogram:
-        """Count an image's colour set (from :func:`gpu_kquant.colors.color_set`)."""
+    def add_colors(self, cs: ColorSet, images: int = 1) -> ColorHistogram:
+        """Count a colour set (from :func:`gpu_kquant.colors.color_set`) of ``images`` images."""
         keys, counts = cs.keys.to(self.device), cs.counts.to(self.device)
         if cs.channels == 4:
             opaque = unpack(keys, 4)[:, 3] == 255
             self._merge(keys[~opaque], counts[~opaque])
             keys, counts = keys[opaque] & 0xFFFFFF, counts[opaque]
         self._opaque.index_add_(0, keys.long(), counts)
-        self.images += 1
+        self.images += images
         return self
 
     def _merge(self, keys: torch.Tensor, counts: torch.Tensor) -> None:

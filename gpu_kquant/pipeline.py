@@ -573,12 +573,18 @@ def shared_histogram(tasks: list[Task], config: Config, device: torch.device) ->
     return hist
 
 
-def resolve_palette(job: Job, config: Config, device: torch.device) -> Palette | None:
+HistogramPass = Callable[[list[Task], Config, torch.device], ColorHistogram]
+
+
+def resolve_palette(
+    job: Job, config: Config, device: torch.device, histogram: HistogramPass = shared_histogram
+) -> Palette | None:
     """The fixed palette of this run (``--palette FILE`` or ``shared``), or None.
 
     A shared palette already saved in the output folder is reused (so a resumed run
     maps to the same palette); otherwise it is fitted on the histogram of every input,
-    over all shards, and saved as palette.json, palette.npy and palette.gpl.
+    over all shards (``histogram`` runs that pass: local threads, or Ray), and saved as
+    palette.json, palette.npy and palette.gpl.
     """
     if config.palette is None:
         return None
@@ -592,7 +598,7 @@ def resolve_palette(job: Job, config: Config, device: torch.device) -> Palette |
     if saved.exists() and not config.overwrite:
         return Palette.load(saved)
     everything, _, _ = plan_tasks(dataclasses.replace(config, shard=(0, 1)))
-    hist = shared_histogram(everything, config, device)
+    hist = histogram(everything, config, device)
     if hist.pixels == 0:
         raise JobError("no decodable image to fit a shared palette on")
     palette = Palette.fit(
@@ -613,13 +619,15 @@ def open_report(job: Job, config: Config, summary: Summary) -> ReportWriter:
     return ReportWriter(job.report, summary, gallery)
 
 
-def configure(job: Job, config: Config, device: torch.device) -> Config:
+def configure(
+    job: Job, config: Config, device: torch.device, histogram: HistogramPass = shared_histogram
+) -> Config:
     """Resolve what a run decides once: the fixed palette and the preview folder."""
     single_file = len(config.inputs) == 1 and config.inputs[0].is_file()
     preview_dir = None
     if config.preview:
         preview_dir = job.tasks[0].dst.parent if single_file and job.tasks else job.out_dir / "preview"
-    palette = resolve_palette(job, config, device)
+    palette = resolve_palette(job, config, device, histogram)
     k = len(palette) if palette is not None else config.k
     return dataclasses.replace(config, fixed_palette=palette, preview_dir=preview_dir, k=k)
 

@@ -52,9 +52,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "the Ray engine needs Ray Data: pip install 'gpu_kquant[ray]' (or 'ray[data]>=2.9')", name="ray"
     ) from exc
 
+from .colors import ColorSet, color_set, pack
 from .device import resolve_device
 from .io import Decoded, DecodeError
+from .palette import ColorHistogram
 from .pipeline import (
+    PALETTE_FILES,
     Config,
     Item,
     Job,
@@ -79,6 +82,8 @@ __all__ = [
     "RETRIES",
     "Quantizer",
     "Resources",
+    "histogram_files",
+    "ray_histogram",
     "resources",
     "run_job",
 ]
@@ -228,6 +233,67 @@ def decode_files(batch: dict[str, np.ndarray], config: Config, max_image_pixels:
         "seconds": np.asarray(seconds, dtype=np.float64),
         "row": np.asarray(rows, dtype=object),
     }
+
+
+def histogram_files(batch: dict[str, np.ndarray], config: Config, max_image_pixels: int | None) -> dict[str, Any]:
+    """The colour histogram of a few files, merged (a Ray task of the ``--palette shared`` pass).
+
+    Returns one row: the block's opaque (packed RGB) and translucent (packed RGBA) colour
+    counts and how many images they came from. Undecodable files are left out; the
+    mapping pass gives them their failed row.
+    """
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
+    hist = {3: ([], []), 4: ([], [])}
+    images = 0
+    for src, dst, key in zip(batch["src"], batch["dst"], batch["key"]):
+        try:
+            pixels = decode_task(Task(Path(str(src)), Path(str(dst)), str(key)), config).decoded.pixels
+        except Exception:
+            continue
+        cs = color_set(pack(torch.from_numpy(pixels)), pixels.shape[2])
+        hist[cs.channels][0].append(cs.keys)
+        hist[cs.channels][1].append(cs.counts)
+        images += 1
+    out: dict[str, Any] = {"images": np.asarray([images], dtype=np.int64)}
+    for channels, (keys, counts) in hist.items():
+        merged_keys, merged_counts = torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int64)
+        if keys:
+            merged_keys, inverse = torch.unique(torch.cat(keys), return_inverse=True)
+            merged_counts = torch.zeros(merged_keys.shape[0], dtype=torch.int64).index_add_(
+                0, inverse, torch.cat(counts)
+            )
+        out[f"keys{channels}"] = _column([merged_keys.numpy()])
+        out[f"counts{channels}"] = _column([merged_counts.numpy()])
+    return out
+
+
+def ray_histogram(tasks: list[Task], config: Config, device: torch.device) -> ColorHistogram:
+    """The ``--palette shared`` histogram pass on Ray: CPU tasks count, the driver sums (a reduce).
+
+    Exact: the summed counts equal the local engine's, so the fitted palette is the same.
+    Needs a connected Ray (see :func:`run_job`).
+    """
+    items = [{"src": str(t.src), "dst": str(t.dst), "key": t.key} for t in tasks]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = _from_items(items, max(1, min(MAX_INPUT_BLOCKS, math.ceil(len(items) / DECODE_BATCH))))
+        ds = ds.map_batches(
+            histogram_files,
+            batch_size=DECODE_BATCH,
+            batch_format="numpy",
+            fn_kwargs={"config": config, "max_image_pixels": Image.MAX_IMAGE_PIXELS},
+            num_cpus=1,
+            max_retries=RETRIES,
+        )
+    hist = ColorHistogram(device)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+        for j in range(len(batch["images"])):
+            images = int(batch["images"][j])
+            for channels in (3, 4):
+                keys = torch.from_numpy(np.asarray(batch[f"keys{channels}"][j]))
+                counts = torch.from_numpy(np.asarray(batch[f"counts{channels}"][j]))
+                hist.add_colors(ColorSet(keys, counts, channels), images=images if channels == 3 else 0)
+    return hist
 
 
 # -- stage 3: quantize and write (actors) ---------------------------------------------
@@ -533,23 +599,27 @@ def run_job(
     """
     start = time.perf_counter()
     remove_stale_temps(job.roots)
-    # The fixed palette (--palette FILE or shared) and the preview folder, decided once as in
-    # the local engine. TODO(shared palette on Ray): --palette shared fits its histogram here on
-    # the driver (pipeline.shared_histogram, one machine's threads); on a cluster that pass should
-    # be a Ray map (decode_files -> per-block ColorHistogram -> merge) before the palette fit.
-    config = configure(job, config, _driver_device(config))
     summary = Summary()
-    report = open_report(job, config, summary)
     stages: Counter = Counter()
+    inputs = {t.src.resolve() for t in job.tasks}
+    saved = job.out_dir / PALETTE_FILES[0]
+    fits_palette = config.palette == "shared" and (config.overwrite or not saved.exists())
+    busy = fits_palette or any(precheck(t, config, inputs) is None for t in job.tasks)
+    report = None
 
     def emit(row: Row) -> None:
+        assert report is not None
         report.write(row)
         if progress is not None:
             progress(1, (row.width or 0) * (row.height or 0) if row.status == "ok" else 0)
 
-    inputs = {t.src.resolve() for t in job.tasks}
     try:
-        with _sigterm_stops():
+        # Ray starts only when there is work: a finished job resumes without it.
+        with _sigterm_stops(), _connected(address) if busy else contextlib.nullcontext(), _ray_settings():
+            # The fixed palette and the preview folder are decided once, as in the local
+            # engine; --palette shared counts its histogram on Ray and fits on the driver.
+            config = configure(job, config, _driver_device(config), histogram=ray_histogram)
+            report = open_report(job, config, summary)
             todo: list[tuple[int, Task]] = []
             for i, task in enumerate(job.tasks):
                 row = precheck(task, config, inputs)
@@ -558,50 +628,59 @@ def run_job(
                 else:
                     emit(row)
             if todo:
-                _run(todo, config, address, workers, quantizer, emit, stages)
+                _run(todo, config, workers, quantizer, emit, stages)
     except (KeyboardInterrupt, _Stop):
         summary.interrupted = True
     finally:
-        report.close()
+        if report is not None:
+            report.close()
         summary.stage_seconds.update(stages)
         summary.seconds = time.perf_counter() - start
     return summary
 
 
+@contextlib.contextmanager
+def _ray_settings() -> Iterator[None]:
+    """Ray Data quiet and tolerant inside a run (the CLI has its own progress bar)."""
+    if not ray.is_initialized():
+        yield
+        return
+    settings = {
+        "enable_progress_bars": False,
+        "enable_auto_log_stats": False,
+        "print_on_execution_start": False,
+        "max_errored_blocks": -1,  # a batch that exhausted its retries is handled by _run, not fatal
+    }
+    # SIGTERM again once connected: Ray's core installs its own handler, which just dies
+    with _sigterm_stops(), _data_context(**settings), _quiet_ray_data():
+        yield
+
+
 def _run(
     todo: list[tuple[int, Task]],
     config: Config,
-    address: str | None,
     workers: int | None,
     quantizer: type[Quantizer],
     emit: Callable[[Row], None],
     stages: Counter,
 ) -> None:
-    """Connect and stream the rows into ``emit``; inputs whose batch kept failing get one more try alone."""
-    settings = {
-        "enable_progress_bars": False,  # the CLI has its own bar
-        "enable_auto_log_stats": False,
-        "print_on_execution_start": False,
-        "max_errored_blocks": -1,  # a batch that exhausted its retries is handled below, not fatal
-    }
-    # SIGTERM again once connected: Ray's core installs its own handler, which just dies
-    with _connected(address), _sigterm_stops(), _data_context(**settings), _quiet_ray_data():
-        n_gpus, cpus = cluster_resources()
-        try:
-            plan = resources(n_gpus, cpus, device=config.device, workers=workers, batch_size=config.batch_size)
-        except ValueError as exc:
-            raise JobError(str(exc)) from None
-        lost = _stream(todo, config, plan, quantizer, emit, stages)
-        if lost and len(lost) <= max(RESCUE_MIN, len(todo) // 20):
-            # Something in those batches kills its worker (or raises): redo them one image per
-            # task and per batch, so that only the culprit is lost. Not when much of the job
-            # failed: that is no bad file but a broken setup, and one by one would take ages.
-            lost = _stream(lost, config, plan, quantizer, emit, stages, alone=True)
-            attempts = 2 * (RETRIES + 1)
-        else:
-            attempts = RETRIES + 1
-        for _, task in lost:
-            emit(failed_row(task, config, _LOST.format(n=attempts)))
+    """Stream the rows of ``todo`` into ``emit``; inputs whose batch kept failing get one more try alone."""
+    n_gpus, cpus = cluster_resources()
+    try:
+        plan = resources(n_gpus, cpus, device=config.device, workers=workers, batch_size=config.batch_size)
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
+    lost = _stream(todo, config, plan, quantizer, emit, stages)
+    if lost and len(lost) <= max(RESCUE_MIN, len(todo) // 20):
+        # Something in those batches kills its worker (or raises): redo them one image per
+        # task and per batch, so that only the culprit is lost. Not when much of the job
+        # failed: that is no bad file but a broken setup, and one by one would take ages.
+        lost = _stream(lost, config, plan, quantizer, emit, stages, alone=True)
+        attempts = 2 * (RETRIES + 1)
+    else:
+        attempts = RETRIES + 1
+    for _, task in lost:
+        emit(failed_row(task, config, _LOST.format(n=attempts)))
 
 
 def _stream(

@@ -183,6 +183,23 @@ def test_shared_palette_same_as_local(ray_cluster: str, tmp_path: Path) -> None:
     assert_same_outputs(tmp_path / "ray", tmp_path / "local")
 
 
+def test_shared_histogram_is_a_ray_reduce_equal_to_the_local_one(ray_cluster: str, tmp_path: Path) -> None:
+    import torch
+
+    from gpu_kquant.pipeline import plan_tasks, shared_histogram
+    from gpu_kquant.ray import ray_histogram
+
+    tree = make_tree(tmp_path / "tree", n=12)  # RGB, RGBA, grey and bad files
+    config = Config(inputs=[tree], k=8)
+    tasks = plan_tasks(config)[0]
+    local = shared_histogram(tasks, config, torch.device("cpu"))
+    remote = ray_histogram(tasks, config, torch.device("cpu"))
+    a, b = local.color_set(), remote.color_set()
+    assert a.channels == b.channels == 4
+    assert torch.equal(a.keys, b.keys) and torch.equal(a.counts, b.counts)
+    assert local.images == remote.images == 12
+
+
 @needs_cuda
 def test_gpu_actors_same_as_local(ray_cluster: str, tree: Path, tmp_path: Path) -> None:
     assert ray.cluster_resources().get("GPU", 0) >= 1
