@@ -619,9 +619,7 @@ def open_report(job: Job, config: Config, summary: Summary) -> ReportWriter:
     return ReportWriter(job.report, summary, gallery)
 
 
-def configure(
-    job: Job, config: Config, device: torch.device, histogram: HistogramPass = shared_histogram
-) -> Config:
+def configure(job: Job, config: Config, device: torch.device, histogram: HistogramPass = shared_histogram) -> Config:
     """Resolve what a run decides once: the fixed palette and the preview folder."""
     single_file = len(config.inputs) == 1 and config.inputs[0].is_file()
     preview_dir = None

@@ -290,8 +290,8 @@ def ray_histogram(tasks: list[Task], config: Config, device: torch.device) -> Co
         for j in range(len(batch["images"])):
             images = int(batch["images"][j])
             for channels in (3, 4):
-                keys = torch.from_numpy(np.asarray(batch[f"keys{channels}"][j]))
-                counts = torch.from_numpy(np.asarray(batch[f"counts{channels}"][j]))
+                keys = torch.from_numpy(np.array(batch[f"keys{channels}"][j]))
+                counts = torch.from_numpy(np.array(batch[f"counts{channels}"][j]))
                 hist.add_colors(ColorSet(keys, counts, channels), images=images if channels == 3 else 0)
     return hist
 
