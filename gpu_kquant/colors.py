@@ -7,6 +7,7 @@ Pixels are handled as packed int32 keys, one per pixel.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 from dataclasses import dataclass
@@ -60,9 +61,9 @@ class ColorSet:
     counts: torch.Tensor
     channels: int = 3
 
-    @property
+    @functools.cached_property
     def colors(self) -> torch.Tensor:
-        """(M, channels) uint8."""
+        """(M, channels) uint8, unpacked once."""
         return unpack(self.keys, self.channels)
 
     def __len__(self) -> int:
@@ -134,26 +135,29 @@ def lookup(cs: ColorSet, values: torch.Tensor, keys: torch.Tensor) -> torch.Tens
 
 def bin_colors(
     colors: torch.Tensor, counts: torch.Tensor, points: torch.Tensor, bits: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge weighted colours into a histogram with ``bits`` bits per channel.
 
     Args:
-        colors: (M, C) uint8 distinct colours.
+        colors: (M, C) uint8 colours (or the corners of finer bins, to coarsen them).
         counts: (M,) int64 pixel counts.
-        points: (M, D) float32, the colours in the space k-means works in.
+        points: (M, D) float32, the colours in the space k-means works in (or the
+            finer bins' means).
         bits: 1..8 bits per channel of the uint8 colours.
 
     Returns:
         Each occupied bin's weighted mean point (Q, D) float32, its pixel count (Q,)
-        int64, and the bin of every colour (M,) int64. The means are exact and
-        device-independent (fixed-point sums).
+        int64, the bin of every input (M,) int64, and each bin's lowest corner colour
+        (Q, C) uint8 (feed it back with ``bits - 1`` to coarsen the histogram). The
+        means are device-independent (fixed-point sums).
     """
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
+    channels = colors.shape[1]
     coarse = colors.long() >> (8 - bits)
-    bin_key = sum(coarse[:, i] << (bits * i) for i in range(colors.shape[1]))
-    if bits * colors.shape[1] <= 21:  # a dense table of occupied bins beats sorting
-        occupied = torch.zeros(1 << (bits * colors.shape[1]), dtype=torch.long, device=colors.device)
+    bin_key = sum(coarse[:, i] << (bits * i) for i in range(channels))
+    if bits * channels <= 21:  # a dense table of occupied bins beats sorting
+        occupied = torch.zeros(1 << (bits * channels), dtype=torch.long, device=colors.device)
         occupied[bin_key] = 1
         rank = occupied.cumsum(0) - 1
         inverse = rank[bin_key]
@@ -163,4 +167,6 @@ def bin_colors(
         n_bins = int(inverse.max()) + 1
     bin_counts = torch.zeros(n_bins, dtype=torch.long, device=colors.device).index_add_(0, inverse, counts)
     means, _ = FixedPointSums(points[None], counts[None].double()).means(inverse[None], n_bins)
-    return means[0].float(), bin_counts, inverse
+    corners = torch.zeros((n_bins, channels), dtype=torch.uint8, device=colors.device)
+    corners[inverse] = (coarse << (8 - bits)).to(torch.uint8)
+    return means[0].float(), bin_counts, inverse, corners

@@ -25,6 +25,7 @@ __all__ = [
     "KMeansResult",
     "assign",
     "assign_with_bounds",
+    "best_restarts",
     "kmeans",
     "kmeans_plusplus",
     "nearest_two",
@@ -261,6 +262,7 @@ def kmeans(
     tol: float = 1e-4,
     seed: int = 0,
     device: str | torch.device | None = None,
+    keep_restarts: bool = False,
 ) -> KMeansResult:
     """Weighted Lloyd k-means on a batch of independent problems.
 
@@ -279,6 +281,8 @@ def kmeans(
             its labels stop changing (scikit-learn's rule).
         seed: seed of the per-problem random streams (stream ``r`` serves restart ``r``).
         device: where to compute; ``None`` picks CUDA when available.
+        keep_restarts: return every restart as its own row (B * n_init rows; restart
+            r of problem b is row b * n_init + r) instead of each problem's best.
 
     Returns:
         A :class:`KMeansResult` whose tensors live on the compute device.
@@ -314,9 +318,15 @@ def kmeans(
         n_eff = torch.full((b,), k, dtype=torch.long, device=dev)
 
     fit = _lloyd(x, w, centroids, n_eff, max_iter, tol)
-    if reps == 1:
+    return fit if reps == 1 or keep_restarts else best_restarts(fit, reps)
+
+
+def best_restarts(fit: KMeansResult, n_init: int) -> KMeansResult:
+    """Keep each problem's lowest-inertia row of a result with ``n_init`` rows per problem."""
+    if n_init == 1:
         return fit
-    best = fit.inertia.view(b, reps).argmin(1) + torch.arange(b, device=dev) * reps
+    b = fit.inertia.shape[0] // n_init
+    best = fit.inertia.view(b, n_init).argmin(1) + torch.arange(b, device=fit.inertia.device) * n_init
     return KMeansResult(
         centroids=fit.centroids[best],
         labels=fit.labels[best],

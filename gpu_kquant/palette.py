@@ -117,7 +117,7 @@ class Palette:
         space: str = "rgb",
         device: str | torch.device | None = None,
         seed: int = 0,
-        n_init: int = 2,
+        n_init: int | None = None,
         max_iter: int = 300,
         tol: float = 1e-4,
         max_fit_points: int = MAX_FIT_POINTS,

@@ -13,6 +13,7 @@ map to opaque entries, and entries with transparency come first in the palette.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from PIL import Image
 from .colors import ColorSet, bin_colors, color_set, lookup, pack
 from .device import resolve_device
 from .dither import DITHERS, bayer_offsets, floyd_steinberg, palette_spacing
-from .kmeans import assign, assign_with_bounds, kmeans, nearest_two
+from .kmeans import assign, assign_with_bounds, best_restarts, kmeans, nearest_two
 from .spaces import SPACES, ColorSpace
 
 __all__ = ["DITHERS", "SPACES", "Quantized", "fit_palette", "map_to_palette", "quantize", "quantize_batch", "to_tensor"]
@@ -34,7 +35,7 @@ __all__ = ["DITHERS", "SPACES", "Quantized", "fit_palette", "map_to_palette", "q
 MAX_FIT_POINTS = 1 << 17
 # k-means++ and the first Lloyd run use a set this many times smaller, with a looser
 # tolerance; Lloyd on the fine set then starts close to convergence.
-_SEED_DIVISOR = 16
+_SEED_DIVISOR = 8
 _SEED_TOL_FACTOR = 10.0
 
 
@@ -161,20 +162,26 @@ class _Plan:
 
 
 def _plan(group: _Group, max_points: int) -> _Plan:
-    """Pick the exact colours or the finest histogram within ``max_points`` bins."""
+    """Pick the exact colours or the finest histogram within ``max_points`` bins.
+
+    Coarser histograms are built from the finer bins, not from every colour again.
+    """
     exact = (group.points, group.counts.float())
     n = group.colors.shape[0]
     fine = exact if n <= max_points else None
     seed = exact if n <= max_points // _SEED_DIVISOR else None
     bins = None
+    colors, counts, points = group.colors, group.counts, group.points
+    bin_of = None  # the current bin of every colour
     for bits in range(FINE_BITS, 0, -1):
         if fine is not None and seed is not None:
             break
-        means, counts, inverse = bin_colors(group.colors, group.counts, group.points, bits)
-        if fine is None and (means.shape[0] <= max_points or bits == 1):
-            fine, bins = (means, counts.float()), (means, inverse)
-        if seed is None and (means.shape[0] <= max_points // _SEED_DIVISOR or bits == 1):
-            seed = (means, counts.float())
+        points, counts, inverse, colors = bin_colors(colors, counts, points, bits)
+        bin_of = inverse if bin_of is None else inverse[bin_of]
+        if fine is None and (points.shape[0] <= max_points or bits == 1):
+            fine, bins = (points, counts.float()), (points, bin_of)
+        if seed is None and (points.shape[0] <= max_points // _SEED_DIVISOR or bits == 1):
+            seed = (points, counts.float())
     assert fine is not None and seed is not None
     return _Plan(seed, fine, bins)
 
@@ -182,7 +189,12 @@ def _plan(group: _Group, max_points: int) -> _Plan:
 def _split(cs: ColorSet, space: ColorSpace) -> tuple[bool, _Group, _Group]:
     """Split a colour set into (has fully transparent pixels, opaque, translucent)."""
     colors = cs.colors
-    alpha = colors[:, 3] if cs.channels == 4 else torch.full_like(cs.counts, 255, dtype=torch.uint8)
+    if cs.channels == 3:
+        everything = torch.arange(len(cs), device=colors.device)
+        opaque = _Group(everything, colors, cs.counts, space.points(colors))
+        none = everything[:0]
+        return False, opaque, _Group(none, colors[:0], cs.counts[:0], space.points(colors[:0]))
+    alpha = colors[:, 3]
 
     def group(mask: torch.Tensor, channels: int) -> _Group:
         idx = mask.nonzero().squeeze(1)
@@ -385,6 +397,16 @@ def _finish(
     return Quantized(palette.cpu().numpy(), indices, mse, blur_mse)
 
 
+def auto_n_init(k: int) -> int:
+    """Default k-means++ restarts: 2 up to k = 64, 1 above.
+
+    Measured on ten photos, a second restart lowers the mean MSE by about 0.4% at
+    k = 16 and 64 (k-means lands in optima a few percent apart), and by nothing
+    measurable at k = 256, where it would double the fit time.
+    """
+    return 2 if k <= 64 else 1
+
+
 def _check_options(k: int, space: str, n_init: int, dither: str) -> None:
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 1 << 16:
         raise ValueError(f"k must be an integer in 1..65536, got {k!r}")
@@ -406,7 +428,11 @@ def _fit(
     tol: float,
     device: torch.device,
 ) -> torch.Tensor:
-    """Batched two-stage k-means over plans of one dimensionality; centroids (B, k, D)."""
+    """Batched two-stage k-means over plans of one dimensionality; centroids (B, k, D).
+
+    Every restart goes through both stages and the lowest inertia on the fine set wins:
+    restarts that look alike on the coarse set can end in optima several percent apart.
+    """
     coarse = kmeans(
         _pad([p.seed[0] for p in jobs]),
         k,
@@ -416,22 +442,25 @@ def _fit(
         tol=tol * _SEED_TOL_FACTOR,
         seed=seed,
         device=device,
+        keep_restarts=True,
     )
-    centroids = coarse.centroids
     refine = [row for row, p in enumerate(jobs) if p.fine is not p.seed]
-    if refine:
-        fine = kmeans(
-            _pad([jobs[r].fine[0] for r in refine]),
-            k,
-            weights=_pad([jobs[r].fine[1] for r in refine]),
-            init=centroids[refine],
-            max_iter=max_iter,
-            tol=tol,
-            device=device,
-        )
-        centroids = centroids.clone()
-        centroids[refine] = fine.centroids
-    return centroids
+    if not refine:
+        return best_restarts(coarse, n_init).centroids
+    rows = torch.tensor([r * n_init + i for r in refine for i in range(n_init)], device=coarse.centroids.device)
+    fine = kmeans(
+        _pad([jobs[r].fine[0] for r in refine]).repeat_interleave(n_init, 0),
+        k,
+        weights=_pad([jobs[r].fine[1] for r in refine]).repeat_interleave(n_init, 0),
+        init=coarse.centroids[rows],
+        max_iter=max_iter,
+        tol=tol,
+        device=device,
+    )
+    inertia = coarse.inertia.clone()
+    centroids = coarse.centroids.clone()
+    inertia[rows], centroids[rows] = fine.inertia, fine.centroids
+    return best_restarts(dataclasses.replace(coarse, inertia=inertia, centroids=centroids), n_init).centroids
 
 
 def _fit_palettes(
@@ -498,7 +527,7 @@ def fit_palette(
     space: str = "rgb",
     device: str | torch.device | None = None,
     seed: int = 0,
-    n_init: int = 2,
+    n_init: int | None = None,
     max_iter: int = 300,
     tol: float = 1e-4,
     max_fit_points: int = MAX_FIT_POINTS,
@@ -508,6 +537,7 @@ def fit_palette(
     Returns (k', C) uint8, ordered like a quantized image's palette: entries with
     transparency first, then by pixel count; unused entries dropped.
     """
+    n_init = auto_n_init(k) if n_init is None else n_init
     _check_options(k, space, n_init, "none")
     dev = resolve_device(device)
     sp = ColorSpace(space)
@@ -533,7 +563,7 @@ def quantize_batch(
     palette: object | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
-    n_init: int = 2,
+    n_init: int | None = None,
     max_iter: int = 300,
     tol: float = 1e-4,
     max_fit_points: int = MAX_FIT_POINTS,
@@ -553,8 +583,8 @@ def quantize_batch(
         device: where to compute; ``None`` picks CUDA when available.
         seed: seed of each image's own random stream: an image's result does not
             depend on which other images share its batch.
-        n_init: k-means++ restarts per image, run as extra batch rows; the lowest
-            inertia wins.
+        n_init: k-means++ restarts per image, run as extra batch rows through both
+            fit stages; the lowest inertia wins. Default: :func:`auto_n_init`.
         max_iter, tol: Lloyd stopping rule (see :func:`gpu_kquant.kmeans.kmeans`).
         max_fit_points: colour sets larger than this are fitted on the finest colour
             histogram with at most this many occupied bins.
@@ -565,6 +595,7 @@ def quantize_batch(
     """
     if palette is not None:
         return map_to_palette(images, palette, space=space, dither=dither, device=device)
+    n_init = auto_n_init(k) if n_init is None else n_init
     _check_options(k, space, n_init, dither)
     dev = resolve_device(device)
     sp = ColorSpace(space)

@@ -62,7 +62,7 @@ def test_bin_means_are_weighted_means() -> None:
     img = photo("coffee")
     cs = color_set(pack(torch.from_numpy(img.copy())))
     points = cs.colors.float()
-    means, counts, inverse = bin_colors(cs.colors, cs.counts, points, 5)
+    means, counts, inverse, corners = bin_colors(cs.colors, cs.counts, points, 5)
     assert int(counts.sum()) == img.shape[0] * img.shape[1]
     ref = np.zeros((means.shape[0], 3))
     np.add.at(ref, inverse.numpy(), points.double().numpy() * cs.counts.numpy()[:, None])
@@ -71,3 +71,9 @@ def test_bin_means_are_weighted_means() -> None:
     top = (cs.colors.long() >> 3).numpy()
     for b in range(0, means.shape[0], 97):
         assert len(np.unique(top[inverse.numpy() == b], axis=0)) == 1
+        np.testing.assert_array_equal(top[inverse.numpy() == b][0] << 3, corners[b].numpy())
+    # Coarsening the bins gives the histogram of the colours at fewer bits.
+    coarser = bin_colors(corners, counts, means, 4)
+    direct = bin_colors(cs.colors, cs.counts, points, 4)
+    torch.testing.assert_close(coarser[0], direct[0])
+    assert torch.equal(coarser[1], direct[1]) and torch.equal(coarser[3], direct[3])
