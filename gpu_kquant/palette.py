@@ -19,7 +19,7 @@ from PIL import Image
 from .colors import ColorSet, color_set, pack, unpack
 from .device import resolve_device
 from .io import encode_png
-from .quantize import MAX_FIT_POINTS, Quantized, fit_palette, map_to_palette, to_tensor
+from .quantize import Quantized, fit_palette, map_to_palette, to_tensor
 
 __all__ = ["ColorHistogram", "Palette"]
 
@@ -120,7 +120,7 @@ class Palette:
         n_init: int | None = None,
         max_iter: int = 300,
         tol: float = 1e-4,
-        max_fit_points: int = MAX_FIT_POINTS,
+        max_fit_points: int | None = None,
     ) -> Palette:
         """Fit one palette of at most k colours to many images.
 

@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 needs_cuda = pytest.mark.needs_cuda
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(
+    *args: object, timeout: float = 300, drop_env: tuple[str, ...] = (), **kwargs: object
+) -> subprocess.CompletedProcess:
+    """Run ``python -m gpu_kquant ARGS`` from this checkout, as a user would."""
+    env = {k: v for k, v in os.environ.items() if k not in drop_env}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "gpu_kquant", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        **kwargs,
+    )
 
 
 def cpu_and_cuda() -> tuple:

@@ -13,24 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from common_utils import linear_rgb_icc, photo
+from common_utils import ROOT, cli, linear_rgb_icc, photo
 from PIL import Image
 
 from gpu_kquant.pipeline import Config, plan_tasks, shard_of
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: object, timeout: float = 300, **kwargs: object) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "gpu_kquant", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        **kwargs,
-    )
 
 
 def read_report(path: Path) -> dict[str, dict]:

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from common_utils import photo
+from common_utils import cli, photo
 from PIL import Image
-from test_pipeline import cli
 
 from gpu_kquant.preview import PAGE_SIZE, Gallery
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from common_utils import needs_cuda, photo  # noqa: E402
+from common_utils import cli, needs_cuda, photo  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import gpu_kquant.ray as gray  # noqa: E402
@@ -30,7 +28,6 @@ from gpu_kquant.quantize import Quantized  # noqa: E402
 from gpu_kquant.ray import Quantizer, resources, run_job  # noqa: E402
 from gpu_kquant.report import Row, Summary  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 REPORT = "gpu_kquant_report.jsonl"
 BAD = {"empty.png", "corrupt.jpg", "truncated.png", "text.png"}
 
@@ -314,22 +311,10 @@ def test_resources_without_gpus() -> None:
         resources(0, cpus=8, device="cuda")
 
 
-def cli(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run(
-        [sys.executable, "-m", "gpu_kquant", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-
-
 def test_cli(ray_cluster: str, tmp_path: Path) -> None:
     small = make_tree(tmp_path / "pics", n=6, bad=False)
     out = tmp_path / "pics_k8"
-    done = cli(small, "-k", "8", "--engine", "ray", "--ray-address", ray_cluster, "--quiet")
+    done = cli(small, "-k", "8", "--engine", "ray", "--ray-address", ray_cluster, "--quiet", drop_env=("RAY_ADDRESS",))
     assert done.returncode == 0, done.stderr
     assert "6 ok" in done.stderr
     expected = {p.relative_to(small).with_suffix(".png").as_posix() for p in small.rglob("img*")}
@@ -342,7 +327,7 @@ def test_cli(ray_cluster: str, tmp_path: Path) -> None:
     assert ray.get(alive.remote()) == 1  # joining the cluster did not shut it down
     first = sorted(expected)[0]
     (out / first).unlink()
-    done = cli(small, "-k", "8", "--engine", "ray")  # starts (and stops) its own local Ray
+    done = cli(small, "-k", "8", "--engine", "ray", drop_env=("RAY_ADDRESS",))  # starts (and stops) its own local Ray
     assert done.returncode == 0, done.stderr
     assert "1 ok, 5 skipped" in done.stderr
     assert_complete(out, expected)
