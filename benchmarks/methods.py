@@ -97,7 +97,7 @@ def _round(centres: np.ndarray) -> np.ndarray:
 
 
 def gpu_kquant(space: str, device: str) -> Quantizer:
-    """``gpu_kquant.quantize`` with its defaults (n_init=2, max_iter=300, tol=1e-4) and seed 0."""
+    """``gpu_kquant.quantize`` with its defaults (n_init=8 up to k=64 else 1, max_iter=300, tol=1e-4) and seed 0."""
 
     def run(image: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         from gpu_kquant import quantize

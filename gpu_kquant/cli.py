@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write an HTML gallery (OUT/preview/index.html); for one input file, a side-by-side PNG",
     )
     parser.add_argument(
-        "--n-init", type=_positive, default=None, help="k-means++ restarts per image (default: 2 up to k=64, else 1)"
+        "--n-init", type=_positive, default=None, help="k-means++ restarts per image (default: 8 up to k=64, else 1)"
     )
     parser.add_argument("--max-iter", type=_positive, default=300, help="Lloyd iterations at most (lower is faster)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed and device, same output")
