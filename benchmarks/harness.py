@@ -6,6 +6,7 @@ Every benchmark script times through :func:`time_call` and scores through
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import importlib.metadata
@@ -459,3 +460,23 @@ def markdown_table(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, 
     for row in rows:
         lines.append("| " + " | ".join(fmt(row.get(key), spec) for key, _, spec in columns) + " |")
     return "\n".join(lines)
+
+
+def add_image_args(p: argparse.ArgumentParser) -> None:
+    """The ``--images`` and ``--mosaics`` options shared by the benchmarks."""
+    p.add_argument("--images", nargs="+", default=["2"], help="a count, or names: photo names, mosaic<i>, <mp>mp")
+    p.add_argument(
+        "--mosaics",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a count means that many 2560x1600 mosaics (default) or, with --no-mosaics, source photos",
+    )
+
+
+def write_markdown(sections: Sequence[str], out: Path, stem: str, started: float) -> Path:
+    """Write the report's sections, ending with the total wall time since ``started``, to OUT/STEM.md."""
+    minutes = (time.time() - started) / 60
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}.md"
+    path.write_text("\n\n".join([*sections, f"Total benchmark wall time: {minutes:.1f} min."]) + "\n")
+    return path

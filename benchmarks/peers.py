@@ -24,6 +24,7 @@ from . import report
 from .harness import (
     Outcome,
     Scorer,
+    add_image_args,
     busy_warning,
     canonical,
     machine_info,
@@ -35,6 +36,7 @@ from .harness import (
     run_method,
     time_call,
     write_csv,
+    write_markdown,
 )
 from .images import MOSAIC_SIZE, distinct_colors, image_of_size, load_images, mosaic, save_png
 from .methods import Method
@@ -57,13 +59,7 @@ QUICK = {
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", nargs="+", default=["2"], help="a count, or names: photo names, mosaic<i>, <mp>mp")
-    p.add_argument(
-        "--mosaics",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="a count means that many 2560x1600 mosaics (default) or, with --no-mosaics, source photos",
-    )
+    add_image_args(p)
     p.add_argument("--k", nargs="+", type=int, default=[8, 16, 64, 256], help="palette sizes")
     p.add_argument("--include", nargs="+", help="only these methods (names, shell patterns or families)")
     p.add_argument("--exclude", nargs="+", default=[], help="leave out these methods (names, patterns or families)")
@@ -497,9 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             markdown_table(rows, cols),
         ]
     md += ["## How measured", HOW_MEASURED.format(de=args.de_samples)]
-    md.append(f"Total benchmark wall time: {(time.time() - started) / 60:.1f} min.")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.md").write_text("\n\n".join(md) + "\n")
+    write_markdown(md, args.out, stem, started)
     print(f"wrote {args.out / stem}.* ({(time.time() - started) / 60:.1f} min)")
     return 0
 

@@ -42,6 +42,7 @@ from .harness import (
     output_stem,
     psnr,
     write_csv,
+    write_markdown,
 )
 from .images import mosaic, save_png
 
@@ -670,9 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     for n in notes:
         print(f"note: {n}")
-    md.append(f"Total benchmark wall time: {(time.time() - started) / 60:.1f} min.")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.md").write_text("\n\n".join(md) + "\n")
+    write_markdown(md, args.out, stem, started)
     print(f"wrote {args.out / stem}.* ({(time.time() - started) / 60:.1f} min)")
     return 0
 

@@ -32,7 +32,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .harness import busy_warning, machine_info, machine_markdown, markdown_table, output_stem, write_csv
+from .harness import (
+    busy_warning,
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    output_stem,
+    write_csv,
+    write_markdown,
+)
 from .images import image_of_size, save_png
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -181,10 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"turns, after one 2-image warm-up run each. Ray was started once before the runs ({ray_start:.1f} s, not "
         "counted); every Ray run includes starting its quantize actors (a new process importing PyTorch). "
         "Seconds are wall time around `execute` / `run_job`.",
-        f"Total wall time: {(time.time() - started) / 60:.1f} min.",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.md").write_text("\n\n".join(md) + "\n")
+    write_markdown(md, args.out, stem, started)
     print(markdown_table(rows, columns))
     print(f"target {verdict}; wrote {args.out / stem}.csv and .md")
     return 0

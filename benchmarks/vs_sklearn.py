@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .harness import (
+    add_image_args,
     busy_warning,
     machine_info,
     machine_markdown,
@@ -34,6 +35,7 @@ from .harness import (
     psnr,
     time_call,
     write_csv,
+    write_markdown,
 )
 from .images import load_images
 from .methods import pixels_f32
@@ -45,13 +47,7 @@ MAX_MSE_RATIO = 1.01
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.vs_sklearn", description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", nargs="+", default=["2"], help="a count, or names: photo names, mosaic<i>, <mp>mp")
-    p.add_argument(
-        "--mosaics",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="a count means that many 2560x1600 mosaics (default) or, with --no-mosaics, source photos",
-    )
+    add_image_args(p)
     p.add_argument("--k", nargs="+", type=int, default=[16, 64], help="palette sizes")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; the median is reported")
     p.add_argument(
@@ -191,10 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "and maps every pixel to the nearest one, which is what gpu_kquant's result is (uint8 palette, nearest "
         "mapping), so the target uses the uint8 ratio. gpu_kquant: `quantize(image, k, device=..., seed=0)` "
         f"with defaults, median of {args.repeats} runs after a warm-up. MSE per channel on 0..255.",
-        f"Total wall time: {(time.time() - started) / 60:.1f} min.",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.md").write_text("\n\n".join(md) + "\n")
+    write_markdown(md, args.out, stem, started)
     print(f"target {verdict}; wrote {args.out / stem}.csv and .md")
     return 0
 
