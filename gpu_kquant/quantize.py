@@ -378,11 +378,7 @@ def _finish(
         src, dst = (_premultiplied(pixels), _premultiplied(out)) if rgba else (pixels.double(), out.double())
         blur_mse = float((_blur(src) - _blur(dst)).square().mean()) * src.shape[-1] / c
         usage = torch.bincount(pixel_labels.reshape(-1), minlength=palette.shape[0])
-    order = torch.arange(palette.shape[0], device=dev)
-    if not fixed:
-        opaque = pal_alpha == 255
-        order = torch.argsort(opaque.long() * (usage.max() + 1) - usage, stable=True)
-        order = order[usage[order] > 0]
+    order = torch.arange(palette.shape[0], device=dev) if fixed else _used_in_order(pal_alpha, usage)
     remap = torch.empty(palette.shape[0], dtype=torch.long, device=dev)
     remap[order] = torch.arange(order.shape[0], device=dev)
     palette = palette[order]
@@ -417,6 +413,20 @@ def auto_fit_points(k: int) -> int:
     photos, whose 60-110 thousand colours are then fitted exactly.
     """
     return 1 << 15 if k <= 32 else 1 << 17
+
+
+def _used_in_order(pal_alpha: torch.Tensor, usage: torch.Tensor) -> torch.Tensor:
+    """Indices of the used palette entries: those with transparency first, then by pixel count."""
+    opaque = pal_alpha == 255
+    order = torch.argsort(opaque.long() * (usage.max() + 1) - usage, stable=True)
+    return order[usage[order] > 0]
+
+
+def _fit_options(k: int, space: str, n_init: int | None, max_fit_points: int | None, dither: str) -> tuple[int, int]:
+    """Check the options of a fit and fill in the defaults; returns (n_init, max_fit_points)."""
+    n_init = auto_n_init(k) if n_init is None else n_init
+    _check_options(k, space, n_init, dither)
+    return n_init, auto_fit_points(k) if max_fit_points is None else max_fit_points
 
 
 def _check_options(k: int, space: str, n_init: int, dither: str) -> None:
@@ -552,9 +562,7 @@ def fit_palette(
     Returns (k', C) uint8, ordered like a quantized image's palette: entries with
     transparency first, then by pixel count; unused entries dropped.
     """
-    n_init = auto_n_init(k) if n_init is None else n_init
-    max_fit_points = auto_fit_points(k) if max_fit_points is None else max_fit_points
-    _check_options(k, space, n_init, "none")
+    n_init, max_fit_points = _fit_options(k, space, n_init, max_fit_points, "none")
     dev = resolve_device(device)
     sp = ColorSpace(space)
     cs = ColorSet(cs.keys.to(dev), cs.counts.to(dev), cs.channels)
@@ -565,9 +573,7 @@ def fit_palette(
     points, alpha = _colour_points(cs, sp, palette)
     labels = _assign_constrained(points, alpha, *_palette_points(palette, sp, rgba), None if rgba else bins)
     usage = torch.zeros(palette.shape[0], dtype=torch.long, device=dev).index_add_(0, labels, cs.counts)
-    opaque = _as_rgba(palette)[:, 3] == 255
-    order = torch.argsort(opaque.long() * (usage.max() + 1) - usage, stable=True)
-    return palette[order[usage[order] > 0]].cpu().numpy()
+    return palette[_used_in_order(_as_rgba(palette)[:, 3], usage)].cpu().numpy()
 
 
 def quantize_batch(
@@ -612,9 +618,7 @@ def quantize_batch(
     """
     if palette is not None:
         return map_to_palette(images, palette, space=space, dither=dither, device=device)
-    n_init = auto_n_init(k) if n_init is None else n_init
-    max_fit_points = auto_fit_points(k) if max_fit_points is None else max_fit_points
-    _check_options(k, space, n_init, dither)
+    n_init, max_fit_points = _fit_options(k, space, n_init, max_fit_points, dither)
     dev = resolve_device(device)
     sp = ColorSpace(space)
     tensors = [to_tensor(img).to(dev, non_blocking=True) for img in images]

@@ -276,15 +276,7 @@ def ray_histogram(tasks: list[Task], config: Config, device: torch.device) -> Co
     items = [{"src": str(t.src), "dst": str(t.dst), "key": t.key} for t in tasks]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        ds = _from_items(items, max(1, min(MAX_INPUT_BLOCKS, math.ceil(len(items) / DECODE_BATCH))))
-        ds = ds.map_batches(
-            histogram_files,
-            batch_size=DECODE_BATCH,
-            batch_format="numpy",
-            fn_kwargs={"config": config, "max_image_pixels": Image.MAX_IMAGE_PIXELS},
-            num_cpus=1,
-            max_retries=RETRIES,
-        )
+        ds = _map_files(items, histogram_files, DECODE_BATCH, config)
     hist = ColorHistogram(device)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
         for j in range(len(batch["images"])):
@@ -507,6 +499,24 @@ def _from_items(items: list[dict[str, Any]], blocks: int) -> ray.data.Dataset:
         return ray.data.from_items(items, parallelism=blocks)
 
 
+def _map_files(
+    items: list[dict[str, Any]], fn: Callable[..., dict[str, Any]], batch_size: int, config: Config
+) -> ray.data.Dataset:
+    """A dataset of file rows mapped by ``fn`` (a file reader) in 1-CPU tasks of ``batch_size`` files.
+
+    Call it inside a block that silences Ray's DeprecationWarnings (see :func:`build_dataset`).
+    """
+    ds = _from_items(items, max(1, min(MAX_INPUT_BLOCKS, math.ceil(len(items) / batch_size))))
+    return ds.map_batches(
+        fn,
+        batch_size=batch_size,
+        batch_format="numpy",
+        fn_kwargs={"config": config, "max_image_pixels": Image.MAX_IMAGE_PIXELS},
+        num_cpus=1,
+        max_retries=RETRIES,
+    )
+
+
 def build_dataset(
     tasks: list[tuple[int, Task]],
     config: Config,
@@ -530,15 +540,7 @@ def build_dataset(
         # Ray deprecates remote args without a named parameter (max_retries, max_restarts,
         # max_task_retries) and some of its own DataContext fields; neither concerns users.
         warnings.simplefilter("ignore", DeprecationWarning)
-        ds = _from_items(items, max(1, min(MAX_INPUT_BLOCKS, math.ceil(len(items) / decode_batch))))
-        ds = ds.map_batches(
-            decode_files,
-            batch_size=decode_batch,
-            batch_format="numpy",
-            fn_kwargs={"config": config, "max_image_pixels": Image.MAX_IMAGE_PIXELS},
-            num_cpus=1,
-            max_retries=RETRIES,
-        )
+        ds = _map_files(items, decode_files, decode_batch, config)
         # config.fixed_palette (--palette FILE or shared, resolved on the driver) travels to
         # every actor inside config, so they all map to the same palette.
         pool = {"size": plan.concurrency, **({"max_tasks_in_flight_per_actor": 1} if alone else {})}
