@@ -1,0 +1,89 @@
+"""The k-means kernel interface: four primitives, one implementation per backend.
+
+Every backend implements, on batched tensors (shapes in :mod:`.reference`):
+
+- ``nearest(points, centroids, second)``: labels, squared distance to the nearest and
+  (optionally) to the second-nearest centroid;
+- ``lloyd_step(points, qx, qw, centroids)``: assignment plus exact int64 fixed-point
+  sums and weights per cluster in one pass, with no (N, k) distance matrix;
+- ``kpp_potential(points, weights, closest, candidates)``: the k-means++ potential of
+  each candidate centre;
+- ``min_update(points, centre, closest)``: the k-means++ distance update.
+
+Distances are summed coordinate by coordinate in index order in float32, so a
+distance never depends on blocking or batching, and ties go to the lowest index:
+every backend gives the reference's labels. Backends register per device type in
+:data:`REGISTRY`, most preferred first; :func:`backend` picks the first available one.
+``GPU_KQUANT_KERNELS=torch`` (or ``c``, ``triton``) forces a backend, for tests and
+comparisons.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from . import reference
+
+__all__ = ["REGISTRY", "Backend", "backend", "available_backends"]
+
+ENV_VAR = "GPU_KQUANT_KERNELS"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A named set of kernels and a check of whether it can run here."""
+
+    name: str
+    load: Callable[[], ModuleType | None]
+
+    def module(self) -> ModuleType | None:
+        return self.load()
+
+
+def _load_c() -> ModuleType | None:
+    from . import cpu
+
+    return cpu if cpu.AVAILABLE else None
+
+
+def _load_triton() -> ModuleType | None:
+    try:
+        from . import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels if triton_kernels.AVAILABLE else None
+
+
+_TORCH = Backend("torch", lambda: reference)
+_C = Backend("c", _load_c)
+_TRITON = Backend("triton", _load_triton)
+
+# Per device type, most preferred first; the torch reference runs everywhere.
+REGISTRY: dict[str, tuple[Backend, ...]] = {
+    "cpu": (_C, _TORCH),
+    "cuda": (_TRITON, _TORCH),
+}
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """Names of the backends that can run on ``device``, most preferred first."""
+    return [b.name for b in REGISTRY.get(device.type, (_TORCH,)) if b.module() is not None]
+
+
+def backend(device: torch.device) -> ModuleType:
+    """The kernel module to use on ``device``: forced by ``GPU_KQUANT_KERNELS`` or the best available."""
+    forced = os.environ.get(ENV_VAR, "auto")
+    candidates = REGISTRY.get(device.type, (_TORCH,))
+    for b in candidates:
+        if forced in ("auto", b.name):
+            module = b.module()
+            if module is not None:
+                return module
+    if forced not in ("auto", "torch"):
+        raise ValueError(f"{ENV_VAR}={forced!r} is not available on {device.type}")
+    return reference
