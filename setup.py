@@ -1,5 +1,19 @@
-"""Build the optional C kernel for Floyd-Steinberg dithering (all metadata is in pyproject.toml)."""
+"""Build the optional C kernels (all metadata is in pyproject.toml).
+
+Both extensions are optional: without a compiler the package falls back to pure torch
+(k-means) and pure Python (dithering). ``-ffp-contract=off`` keeps distances bit-identical
+to the torch reference (no fused multiply-add).
+"""
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("gpu_kquant._fsdither", ["gpu_kquant/_fsdither.c"], optional=True)])
+# Python builds extensions with -fwrapv, which stops GCC vectorising the inner loops here
+# (measured 1.0 vs 3.8 G distances/s at k = 16); these kernels never rely on signed overflow.
+_FLAGS = ["-O3", "-fno-wrapv", "-ffp-contract=off", "-fno-math-errno"]
+
+setup(
+    ext_modules=[
+        Extension("gpu_kquant._fsdither", ["gpu_kquant/_fsdither.c"], optional=True),
+        Extension("gpu_kquant._kernels", ["gpu_kquant/_kernels.c"], extra_compile_args=_FLAGS, optional=True),
+    ]
+)

@@ -3,6 +3,10 @@
 This module knows nothing about images. Every problem in a batch is independent:
 it draws from its own random stream, converges on its own and is then frozen, so
 a problem's result never depends on which other problems share its batch.
+
+The distance work goes through the kernel interface of :mod:`gpu_kquant.kernels`
+(a compiled C kernel on the CPU, Triton on CUDA, torch everywhere as the reference),
+so this file holds only the loop: seeding, the update, empty clusters, convergence.
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 import torch
 
 from .device import resolve_device
+from .kernels import backend
+from .kernels.reference import sq_dists
 from .reduce import FixedPointSums
 
 __all__ = [
@@ -31,11 +38,10 @@ __all__ = [
     "nearest_two",
 ]
 
-# Elements of one (batch, chunk, k) distance block: small enough to stay in cache on a
-# CPU, large enough to keep a GPU busy.
-_BLOCK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 26}
-# Smallest k for which Lloyd iterations use Hamerly's bounds.
-_BOUNDS_MIN_K = 24
+# How many Lloyd iterations run between host-side convergence checks. On the CPU a
+# check costs nothing; on CUDA each one is a sync, so finished problems are frozen
+# with masks and the host looks only every few iterations.
+_CHECK_EVERY = {"cpu": 1, "cuda": 8}
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class KMeansResult:
             before ``max_iter``.
         n_clusters: (B,) int64, effective k: smaller than k when a problem has fewer
             distinct points (with positive weight) than k.
-        stats: per-iteration statistics of the whole batch.
+        stats: per-iteration statistics of the whole batch (only when asked for).
     """
 
     centroids: torch.Tensor
@@ -92,49 +98,38 @@ def _uniforms(seed: int, streams: list[int], shape: tuple[int, ...], device: tor
     return torch.stack(tables).to(device)
 
 
-def _chunk(batch: int, width: int, device: torch.device) -> int:
-    budget = _BLOCK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
-    return max(1, budget // max(1, batch * width))
-
-
-# cdist's matrix-multiply form (|x|^2 - 2xc + |c|^2) is chosen by block size, and its
-# rounding then depends on which other points share the block (the batch, the chunk),
-# so near-ties could flip between a batched run and a run alone. Differences computed
-# directly give every distance the same bits whatever the block, and coincident points
-# are exactly zero apart (which init relies on to count distinct points).
-_CDIST_MODE = "donot_use_mm_for_euclid_dist"
-
-
-def _cdist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Distances (B, n, m) between x (B, n, D) and c (B, m, D), independent of blocking."""
-    return torch.cdist(x, c, compute_mode=_CDIST_MODE)
-
-
-def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Squared distances (B, n, m) between x (B, n, D) and c (B, m, D)."""
-    return _cdist(x, c).square_()
+def _kernels(device: torch.device) -> ModuleType:
+    return backend(device)
 
 
 def assign(points: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid of every point, chunked along N.
+    """Nearest centroid of every point.
 
     Args:
         points: (B, N, D) float32.
         centroids: (B, k, D) float32, on the same device.
 
     Returns:
-        labels (B, N) int64 and squared distances to the nearest centroid (B, N) float32.
-        The (B, chunk, k) distance block stays under a fixed element budget.
+        labels (B, N) int64 and squared distances to the nearest centroid (B, N) float32,
+        from the device's fused kernel (no (B, N, k) matrix is built).
     """
-    b, n, _ = points.shape
-    labels = torch.empty((b, n), dtype=torch.long, device=points.device)
-    min_d2 = torch.empty((b, n), dtype=points.dtype, device=points.device)
-    step = _chunk(b, centroids.shape[1], points.device)
-    for s in range(0, n, step):
-        dist, idx = _cdist(points[:, s : s + step], centroids).min(dim=2)
-        min_d2[:, s : s + step] = dist
-        labels[:, s : s + step] = idx
-    return labels, min_d2.square_()
+    labels, d2, _ = _kernels(points.device).nearest(points, centroids)
+    return labels, d2
+
+
+def nearest_two(points: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid and distance to the second nearest.
+
+    Args:
+        points: (B, N, D) float32.
+        centroids: (B, k, D) float32.
+
+    Returns:
+        labels (B, N) int64 and the distance (not squared) to the second-nearest
+        centroid (B, N) float32, ``inf`` when k = 1.
+    """
+    labels, _, d2nd = _kernels(points.device).nearest(points, centroids, second=True)
+    return labels, d2nd.sqrt_()
 
 
 def _sample(cum: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -172,27 +167,22 @@ def kmeans_plusplus(
         centres (B, k, D) and the effective k per problem (B,) int64. When a problem runs
         out of distinct points, its remaining centres repeat the last real one.
     """
-    b, n, d = points.shape
-    n_cand = uniforms.shape[2]
+    kern = _kernels(points.device)
+    b, _, d = points.shape
     rows = torch.arange(b, device=points.device)
     centres = points.new_empty((b, k, d))
     first = _sample(weights.double().cumsum(1), uniforms[:, 0, :1])
     centres[:, 0] = points[rows, first[:, 0]]
-    closest = _sq_dists(points, centres[:, :1])[..., 0]
+    closest = kern.min_update(points, centres[:, 0], torch.full_like(weights, math.inf))
     n_eff = torch.ones(b, dtype=torch.long, device=points.device)
-    step = _chunk(b, n_cand, points.device)
     for c in range(1, k):
         cum = (weights * closest).double().cumsum(1)
         alive = cum[:, -1] > 0
         cand_x = _gather_rows(points, _sample(cum, uniforms[:, c, :]))
-        potential = torch.zeros((b, n_cand), dtype=torch.float64, device=points.device)
-        for s in range(0, n, step):
-            d2 = _sq_dists(points[:, s : s + step], cand_x)
-            d2 = torch.minimum(d2, closest[:, s : s + step, None])
-            potential += (weights[:, s : s + step, None] * d2).sum(1, dtype=torch.float64)
+        potential = kern.kpp_potential(points, weights, closest, cand_x)
         best = cand_x[rows, potential.argmin(1)]
         centres[:, c] = torch.where(alive[:, None], best, centres[:, c - 1])
-        closest = torch.minimum(closest, _sq_dists(points, best[:, None])[..., 0])
+        closest = kern.min_update(points, best, closest)
         n_eff += alive
     return centres, n_eff
 
@@ -203,19 +193,19 @@ def _reseed_empty(
     min_d2: torch.Tensor,
     centroids: torch.Tensor,
     empty: torch.Tensor,
+    most: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Move each empty centroid onto a distinct worst-fit point of its problem.
 
     The worst-fit points are the farthest from their centroid among points with
     positive weight (scikit-learn's rule; it does not depend on the weights, so integer
     weights and repeated points behave alike). An empty centroid with no badly fit point
-    left keeps its position (never NaN, never zero). Returns the new centroids and the
+    left keeps its position (never NaN, never zero). ``most`` bounds the empty clusters
+    of any problem (a fixed bound needs no host sync). Returns the new centroids and the
     number re-seeded per problem.
     """
-    n_empty = empty.sum(1)
-    most = int(n_empty.max())
     score = torch.where(weights > 0, min_d2, torch.full_like(min_d2, -1.0))
-    top_score, top_idx = score.topk(min(most, score.shape[1]), dim=1)
+    top_score, top_idx = score.topk(max(1, min(most, score.shape[1])), dim=1)
     rank = (empty.cumsum(1) - 1).clamp_(0, top_idx.shape[1] - 1)
     src = top_idx.gather(1, rank)
     usable = empty & (top_score.gather(1, rank) > 0)
@@ -248,7 +238,31 @@ def _validate(points: torch.Tensor, weights: torch.Tensor | None, k: int) -> tup
     empty_rows = (weights.sum(1) <= 0).nonzero().flatten().tolist()
     if empty_rows:
         raise ValueError(f"problem(s) {empty_rows[:5]} have no point with positive weight")
-    return points.float(), weights
+    return points.float().contiguous(), weights.contiguous()
+
+
+def _initial_centroids(
+    points: torch.Tensor, weights: torch.Tensor, k: int, init: str | torch.Tensor, n_init: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows to fit (restarts as extra rows), their weights, starting centroids and effective k."""
+    b, _, d = points.shape
+    dev = points.device
+    if isinstance(init, str):
+        if init != "k-means++":
+            raise ValueError(f"init must be 'k-means++' or a tensor of centroids, got {init!r}")
+        x = points.repeat_interleave(n_init, 0)
+        w = weights.repeat_interleave(n_init, 0)
+        u = _uniforms(seed, list(range(n_init)) * b, (k, 2 + int(math.log(k))), dev)
+        centroids, n_eff = kmeans_plusplus(x, w, k, u)
+        return x, w, centroids, n_eff
+    if n_init != 1:
+        raise ValueError("n_init must be 1 when init is an array of centroids")
+    centroids = torch.as_tensor(init, device=dev).float()
+    if centroids.ndim == 2:
+        centroids = centroids.expand(b, -1, -1)
+    if centroids.shape != (b, k, d):
+        raise ValueError(f"init must have shape {(b, k, d)} or {(k, d)}, got {tuple(centroids.shape)}")
+    return points, weights, centroids.contiguous().clone(), torch.full((b,), k, dtype=torch.long, device=dev)
 
 
 def kmeans(
@@ -263,6 +277,7 @@ def kmeans(
     seed: int = 0,
     device: str | torch.device | None = None,
     keep_restarts: bool = False,
+    stats: bool = False,
 ) -> KMeansResult:
     """Weighted Lloyd k-means on a batch of independent problems.
 
@@ -283,6 +298,7 @@ def kmeans(
         device: where to compute; ``None`` picks CUDA when available.
         keep_restarts: return every restart as its own row (B * n_init rows; restart
             r of problem b is row b * n_init + r) instead of each problem's best.
+        stats: record :class:`IterationStats` per iteration (each costs a host sync).
 
     Returns:
         A :class:`KMeansResult` whose tensors live on the compute device.
@@ -290,35 +306,13 @@ def kmeans(
     dev = resolve_device(device)
     points, weights = _validate(points, weights, k)
     points, weights = points.to(dev), weights.to(dev)
-    b, _, d = points.shape
     if n_init < 1:
         raise ValueError(f"n_init must be >= 1, got {n_init}")
     if max_iter < 0:
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
-
-    if isinstance(init, str):
-        if init != "k-means++":
-            raise ValueError(f"init must be 'k-means++' or a tensor of centroids, got {init!r}")
-        reps = n_init
-        x = points.repeat_interleave(reps, 0)
-        w = weights.repeat_interleave(reps, 0)
-        n_cand = 2 + int(math.log(k))
-        u = _uniforms(seed, list(range(reps)) * b, (k, n_cand), dev)
-        centroids, n_eff = kmeans_plusplus(x, w, k, u)
-    else:
-        if n_init != 1:
-            raise ValueError("n_init must be 1 when init is an array of centroids")
-        reps, x, w = 1, points, weights
-        centroids = torch.as_tensor(init, device=dev).float()
-        if centroids.ndim == 2:
-            centroids = centroids.expand(b, -1, -1)
-        if centroids.shape != (b, k, d):
-            raise ValueError(f"init must have shape {(b, k, d)} or {(k, d)}, got {tuple(centroids.shape)}")
-        centroids = centroids.clone()
-        n_eff = torch.full((b,), k, dtype=torch.long, device=dev)
-
-    fit = _lloyd(x, w, centroids, n_eff, max_iter, tol)
-    return fit if reps == 1 or keep_restarts else best_restarts(fit, reps)
+    x, w, centroids, n_eff = _initial_centroids(points, weights, k, init, n_init, seed)
+    fit = _lloyd(x, w, centroids, n_eff, max_iter, tol, stats)
+    return fit if n_init == 1 or keep_restarts else best_restarts(fit, n_init)
 
 
 def best_restarts(fit: KMeansResult, n_init: int) -> KMeansResult:
@@ -338,83 +332,17 @@ def best_restarts(fit: KMeansResult, n_init: int) -> KMeansResult:
     )
 
 
-def nearest_two(points: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid and distance to the second nearest, chunked along N.
-
-    Args:
-        points: (B, N, D) float32.
-        centroids: (B, k, D) float32.
-
-    Returns:
-        labels (B, N) int64 and the distance (not squared) to the second-nearest
-        centroid (B, N) float32, ``inf`` when k = 1.
-    """
-    b, n, _ = points.shape
-    k = centroids.shape[1]
-    labels = torch.empty((b, n), dtype=torch.long, device=points.device)
-    second = torch.full((b, n), math.inf, dtype=points.dtype, device=points.device)
-    step = _chunk(b, k, points.device)
-    for s in range(0, n, step):
-        dist = _cdist(points[:, s : s + step], centroids)
-        idx = dist.argmin(2)
-        labels[:, s : s + step] = idx
-        if k > 1:
-            second[:, s : s + step] = dist.scatter_(2, idx[..., None], math.inf).amin(2)
-    return labels, second
-
-
-def _sq_norm(v: torch.Tensor) -> torch.Tensor:
-    """Squared norm over the last dimension; a matmul, much faster than ``sum(-1)`` at D=3."""
-    return (v * v) @ torch.ones(v.shape[-1], dtype=v.dtype, device=v.device)
+def _half_separation(centroids: torch.Tensor) -> torch.Tensor:
+    """Half the distance from each centroid to its nearest other centroid (B, k)."""
+    sep = sq_dists(centroids, centroids)
+    sep.diagonal(dim1=1, dim2=2).fill_(math.inf)
+    return 0.5 * sep.amin(2).sqrt_()
 
 
 def _dist_to_assigned(points: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Exact distance (B, N) of every point to its assigned centroid."""
-    b, k, d = centroids.shape
-    flat = labels + torch.arange(b, device=labels.device)[:, None] * k
-    assigned = centroids.reshape(b * k, d).index_select(0, flat.reshape(-1)).view(points.shape)
-    return _sq_norm(points - assigned).sqrt_()
-
-
-def _half_separation(centroids: torch.Tensor, in_range: torch.Tensor) -> torch.Tensor:
-    """Half the distance from each centroid to its nearest other real centroid (B, k)."""
-    sep = _cdist(centroids, centroids)
-    k = centroids.shape[1]
-    eye = torch.eye(k, dtype=torch.bool, device=centroids.device)
-    sep.masked_fill_(eye | ~in_range[:, None, :], math.inf)
-    return 0.5 * sep.amin(2)
-
-
-def _reassign(
-    points: torch.Tensor,
-    centroids: torch.Tensor,
-    labels: torch.Tensor,
-    upper: torch.Tensor,
-    lower: torch.Tensor,
-    need: torch.Tensor,
-) -> None:
-    """Recompute labels and lower bounds in place for the points flagged in ``need``.
-
-    The flagged points of each problem are packed into a padded (B, P, D) block so
-    that every problem still goes through one batched ``cdist``.
-    """
-    counts = need.sum(1)
-    most = int(counts.max())
-    if most == 0:
-        return
-    if 2 * most > points.shape[1]:
-        lab, sec = nearest_two(points, centroids)
-        labels.copy_(torch.where(need, lab, labels))
-        lower.copy_(torch.where(need, sec, lower))
-    else:
-        rows, cols = need.nonzero(as_tuple=True)
-        rank = (need.cumsum(1) - 1)[rows, cols]
-        block = points.new_zeros((points.shape[0], most, points.shape[2]))
-        block[rows, rank] = points[rows, cols]
-        lab, sec = nearest_two(block, centroids)
-        labels[rows, cols] = lab[rows, rank]
-        lower[rows, cols] = sec[rows, rank]
-    upper.copy_(torch.where(need, _dist_to_assigned(points, centroids, labels), upper))
+    assigned = _gather_rows(centroids, labels)
+    return sq_dists(points.unsqueeze(2), assigned.unsqueeze(2))[..., 0, 0].sqrt_()
 
 
 def assign_with_bounds(
@@ -422,9 +350,9 @@ def assign_with_bounds(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact nearest centroids, starting from a guess and a bound.
 
-    Only points whose guessed centroid is not provably nearest get a full distance
-    computation, so a good guess (for example the label of a histogram bin the point
-    falls in) makes this much cheaper than :func:`assign`.
+    Only points whose guessed centroid is not provably nearest get a full search, so a
+    good guess (for example the label of a histogram bin the point falls in) makes this
+    much cheaper than :func:`assign`.
 
     Args:
         points: (B, N, D) float32.
@@ -436,13 +364,52 @@ def assign_with_bounds(
     Returns:
         labels (B, N) int64 and the distance to the nearest centroid (B, N) float32.
     """
-    labels = labels.clone()
-    lower = lower.clone()
-    in_range = torch.ones(centroids.shape[:2], dtype=torch.bool, device=centroids.device)
     upper = _dist_to_assigned(points, centroids, labels)
-    bound = torch.maximum(_half_separation(centroids, in_range).gather(1, labels), lower)
-    _reassign(points, centroids, labels, upper, lower, upper >= bound)
+    bound = torch.maximum(_half_separation(centroids).gather(1, labels), lower)
+    # A margin of a few float32 ulps keeps the skip conservative under rounding.
+    need = upper * (1 + 1e-5) + 1e-6 >= bound
+    labels = labels.clone()
+    b = points.shape[0]
+    for row in range(b):  # rows are few (one per palette); the flagged points are packed
+        idx = need[row].nonzero().squeeze(1)
+        if idx.numel() == 0:
+            continue
+        lab, d2 = assign(points[row, idx][None], centroids[row : row + 1])
+        labels[row, idx] = lab[0]
+        upper[row, idx] = d2[0].sqrt()
     return labels, upper
+
+
+def _tolerance(x: torch.Tensor, w: torch.Tensor, tol: float) -> torch.Tensor:
+    """Absolute tolerance per problem: ``tol`` times the mean per-dimension weighted variance."""
+    w64, x64 = w.double(), x.double()
+    total = w64.sum(1)[:, None]
+    mean_x = (w64[..., None] * x64).sum(1) / total
+    var = (w64[..., None] * (x64 - mean_x[:, None]).square()).sum(1) / total
+    return tol * var.mean(1)
+
+
+class _Rows:
+    """The rows a Lloyd step runs on: all of them (CUDA: frozen rows are masked, no
+    sync) or only the active ones (CPU: frozen problems cost nothing)."""
+
+    def __init__(self, x: torch.Tensor, sums: FixedPointSums, compact: bool) -> None:
+        self.x, self.sums, self.compact = x, sums, compact
+
+    def step(
+        self, centroids: torch.Tensor, active: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        kern = _kernels(self.x.device)
+        if not self.compact or bool(active.all()):
+            return kern.lloyd_step(self.x, self.sums.qx, self.sums.qw, centroids)
+        rows = active.nonzero().squeeze(1)
+        part = kern.lloyd_step(self.x[rows], self.sums.qx[rows], self.sums.qw[rows], centroids[rows])
+        out = []
+        for value in part:
+            full = value.new_zeros((self.x.shape[0], *value.shape[1:]))
+            full[rows] = value
+            out.append(full)
+        return out[0], out[1], out[2], out[3]
 
 
 def _lloyd(
@@ -452,85 +419,56 @@ def _lloyd(
     n_eff: torch.Tensor,
     max_iter: int,
     tol: float,
+    record: bool = False,
 ) -> KMeansResult:
-    """Lloyd iterations with Hamerly's bounds; converged problems leave the work set.
+    """Lloyd iterations with the fused assignment + sums kernel; finished problems freeze.
 
-    The bounds only skip distance computations that cannot change a label: a point
-    keeps its centroid while its distance to it is below both half the distance from
-    that centroid to the next one and a lower bound on its distance to any other.
+    Each problem stops when its centroids move less than the tolerance or its labels
+    stop changing (and no cluster was re-seeded); from then on its row is masked. The
+    host checks for "all done" every :data:`_CHECK_EVERY` iterations.
     """
     b, _, _ = x.shape
     k = centroids.shape[1]
     dev = x.device
     sums = FixedPointSums(x, w)
-    w64, x64 = w.double(), x.double()
-    total = w64.sum(1)[:, None]
-    mean_x = (w64[..., None] * x64).sum(1) / total
-    var = (w64[..., None] * (x64 - mean_x[:, None]).square()).sum(1) / total
-    tol_abs = tol * var.mean(1)
-    del w64, x64
+    tol_abs = _tolerance(x, w, tol)
     in_range = torch.arange(k, device=dev)[None, :] < n_eff[:, None]
-
-    out_c = centroids.clone()
-    out_labels = torch.empty(x.shape[:2], dtype=torch.long, device=dev)
-    out_inertia = torch.empty(b, dtype=torch.float64, device=dev)
-    n_iter = torch.zeros(b, dtype=torch.long, device=dev)
+    pos = w > 0
+    rows = _Rows(x, sums, compact=dev.type == "cpu")
+    check = _CHECK_EVERY["cuda" if dev.type == "cuda" else "cpu"]
+    active = torch.ones(b, dtype=torch.bool, device=dev)
     converged = torch.zeros(b, dtype=torch.bool, device=dev)
-    act = torch.arange(b, device=dev)
-    xa, wa, ca, tola, rng, pos = x, w, centroids, tol_abs, in_range, w > 0
-    # Bounds cost a few passes over the points; they pay off once k is large.
-    use_bounds = k >= _BOUNDS_MIN_K
-    upper = lower = None
-    if use_bounds:
-        labels, lower = nearest_two(xa, ca)
-        upper = _dist_to_assigned(xa, ca, labels)
-        d2 = upper.square()
-    else:
-        labels, d2 = assign(xa, ca)
+    n_iter = torch.zeros(b, dtype=torch.long, device=dev)
+    labels, d2, qsum, qmass = rows.step(centroids, active)
     stats: list[IterationStats] = []
     for it in range(1, max_iter + 1):
         t0 = time.perf_counter()
-        means, mass = sums.means(labels, k)
-        new_c = torch.where((mass > 0)[..., None], means.float(), ca)
-        empty = (mass == 0) & rng
-        reseeded = torch.zeros(act.shape[0], dtype=torch.long, device=dev)
-        if bool(empty.any()):
-            new_c, reseeded = _reseed_empty(xa, wa, d2, new_c, empty)
-        shift = (new_c - ca).square().sum(-1)
-        ca = new_c
-        old = labels
-        if use_bounds:
-            labels = labels.clone()
-            lower = lower - shift.amax(1, keepdim=True).sqrt()
-            upper = _dist_to_assigned(xa, ca, labels)
-            bound = torch.maximum(_half_separation(ca, rng).gather(1, labels), lower)
-            _reassign(xa, ca, labels, upper, lower, upper >= bound)
-            d2 = upper.square()
-        else:
-            labels, d2 = assign(xa, ca)
-        changed = ((labels != old) & pos).any(1)
-        done = ((shift.sum(1, dtype=torch.float64) <= tola) | ~changed) & (reseeded == 0)
-        n_iter[act] = it
-        inertia = (wa * d2).sum(1, dtype=torch.float64)
-        n_done, n_reseeded, inertia_f = torch.stack(
-            [done.sum().double(), reseeded.sum().double(), inertia.sum()]
-        ).tolist()
-        stats.append(IterationStats(it, int(act.shape[0]), inertia_f, int(n_reseeded), time.perf_counter() - t0))
-        if n_done:
-            fin = act[done]
-            out_c[fin], out_labels[fin], out_inertia[fin], converged[fin] = ca[done], labels[done], inertia[done], True
-            keep = ~done
-            act, xa, wa, ca, tola, rng, pos = act[keep], xa[keep], wa[keep], ca[keep], tola[keep], rng[keep], pos[keep]
-            labels, d2 = labels[keep], d2[keep]
-            if use_bounds:
-                upper, lower = upper[keep], lower[keep]
-            sums.select(keep)
-            if act.numel() == 0:
-                break
-    if act.numel():
-        out_c[act], out_labels[act] = ca, labels
-        out_inertia[act] = (wa * d2).sum(1, dtype=torch.float64)
-    return KMeansResult(out_c, out_labels, out_inertia, n_iter, converged, n_eff, tuple(stats))
+        means, mass = sums.to_means(qsum, qmass)
+        new_c = torch.where((mass > 0)[..., None], means.float(), centroids)
+        empty = (mass == 0) & in_range & active[:, None]
+        reseeded = torch.zeros(b, dtype=torch.long, device=dev)
+        if dev.type != "cpu" or bool(empty.any()):  # CUDA reseeds with a fixed bound, no branch
+            most = k if dev.type != "cpu" else int(empty.sum(1).max())
+            new_c, reseeded = _reseed_empty(x, w, d2, new_c, empty, most)
+        new_c = torch.where(active[:, None, None], new_c, centroids)
+        shift = (new_c - centroids).square().sum((1, 2), dtype=torch.float64)
+        centroids = new_c
+        new_labels, new_d2, qsum, qmass = rows.step(centroids, active)
+        changed = ((new_labels != labels) & pos).any(1)
+        done = active & ((shift <= tol_abs) | ~changed) & (reseeded == 0)
+        labels = torch.where(active[:, None], new_labels, labels)
+        d2 = torch.where(active[:, None], new_d2, d2)
+        if record:
+            inertia_f = float(((w * d2).sum(1, dtype=torch.float64) * active).sum())
+            n_active, n_reseeded = int(active.sum()), int(reseeded.sum())
+            stats.append(IterationStats(it, n_active, inertia_f, n_reseeded, time.perf_counter() - t0))
+        n_iter += active
+        converged |= done
+        active = active & ~done
+        if it % check == 0 and not bool(active.any()):
+            break
+    inertia = (w * d2).sum(1, dtype=torch.float64)
+    return KMeansResult(centroids, labels, inertia, n_iter, converged, n_eff, tuple(stats))
 
 
 class KMeans:

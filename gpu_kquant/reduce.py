@@ -39,6 +39,14 @@ class FixedPointSums:
         sums.index_add_(0, flat, self.qx.reshape(-1, d))
         mass = torch.zeros(b * k, dtype=torch.long, device=labels.device)
         mass.index_add_(0, flat, self.qw.reshape(-1))
-        sums_f = sums.view(b, k, d).double() / self.scale_x[:, None, None]
-        mass_f = mass.view(b, k).double() / self.scale_w[:, None]
+        return self.to_means(sums.view(b, k, d), mass.view(b, k))
+
+    def to_means(self, sums: torch.Tensor, mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Means (B, k, D) float64 (NaN when empty) and weights (B, k) from int64 cluster sums.
+
+        ``sums`` (B, k, D) and ``mass`` (B, k) are sums of :attr:`qx` and :attr:`qw`, as a
+        fused Lloyd kernel returns them.
+        """
+        sums_f = sums.double() / self.scale_x[:, None, None]
+        mass_f = mass.double() / self.scale_w[:, None]
         return sums_f / mass_f[..., None], mass_f

@@ -1,5 +1,79 @@
-"""CPU kernels: the compiled C extension ``gpu_kquant._kernels`` (filled in below)."""
+"""CPU kernels: the compiled C extension ``gpu_kquant._kernels``, single-threaded per call.
+
+Same signatures and results as :mod:`.reference` (labels identical, sums exact); the
+GIL is released while a kernel runs, so one quantizer thread per core scales.
+"""
 
 from __future__ import annotations
 
-AVAILABLE = False
+import torch
+
+try:  # built at install time; the torch reference stands in without it
+    from .. import _kernels
+except ImportError:  # pragma: no cover - exercised only where the extension did not build
+    _kernels = None
+
+__all__ = ["AVAILABLE", "kpp_potential", "lloyd_step", "min_update", "nearest"]
+
+AVAILABLE = _kernels is not None
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _np(t: torch.Tensor) -> object:
+    return t.numpy()
+
+
+def nearest(
+    points: torch.Tensor, centroids: torch.Tensor, second: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """See :func:`gpu_kquant.kernels.reference.nearest`."""
+    b, n, d = points.shape
+    k = centroids.shape[1]
+    pts, cen = _f32(points), _f32(centroids)
+    labels = torch.empty((b, n), dtype=torch.long)
+    d2 = torch.empty((b, n), dtype=torch.float32)
+    d2nd = torch.empty((b, n), dtype=torch.float32) if second else None
+    _kernels.nearest(_np(pts), _np(cen), _np(labels), _np(d2), None if d2nd is None else _np(d2nd), b, n, k, d)
+    return labels, d2, d2nd
+
+
+def lloyd_step(
+    points: torch.Tensor, qx: torch.Tensor, qw: torch.Tensor, centroids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """See :func:`gpu_kquant.kernels.reference.lloyd_step`."""
+    b, n, d = points.shape
+    k = centroids.shape[1]
+    labels = torch.empty((b, n), dtype=torch.long)
+    d2 = torch.empty((b, n), dtype=torch.float32)
+    sums = torch.zeros((b, k, d), dtype=torch.long)
+    mass = torch.zeros((b, k), dtype=torch.long)
+    _kernels.lloyd_step(
+        _np(_f32(points)), _np(qx.contiguous()), _np(qw.contiguous()), _np(_f32(centroids)),
+        _np(labels), _np(d2), _np(sums), _np(mass), b, n, k, d,
+    )  # fmt: skip
+    return labels, d2, sums, mass
+
+
+def kpp_potential(
+    points: torch.Tensor, weights: torch.Tensor, closest: torch.Tensor, candidates: torch.Tensor
+) -> torch.Tensor:
+    """See :func:`gpu_kquant.kernels.reference.kpp_potential`."""
+    b, n, d = points.shape
+    n_cand = candidates.shape[1]
+    potential = torch.zeros((b, n_cand), dtype=torch.float64)
+    _kernels.kpp_potential(
+        _np(_f32(points)), _np(_f32(weights)), _np(_f32(closest)), _np(_f32(candidates)), _np(potential),
+        b, n, n_cand, d,
+    )  # fmt: skip
+    return potential
+
+
+def min_update(points: torch.Tensor, centre: torch.Tensor, closest: torch.Tensor) -> torch.Tensor:
+    """See :func:`gpu_kquant.kernels.reference.min_update`."""
+    b, n, d = points.shape
+    out = _f32(closest).clone()
+    _kernels.min_update(_np(_f32(points)), _np(_f32(centre)), _np(out), b, n, d)
+    return out
