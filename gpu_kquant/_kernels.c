@@ -13,6 +13,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Points per tile: 256 points x (D + 3) floats stay in L1 (measured fastest of
@@ -148,28 +149,33 @@ static int check_dims(int b, int n, int k, int d) {
     return 0;
 }
 
-/* Assignment of every point, optionally with fixed-point sums (qx/qw given). */
-static void assign_all(const float *pts, const float *cen, int b, int n, int k, int d, int64_t *labels, float *d2,
-                       float *d2nd, const int64_t *qx, const int64_t *qw, int64_t *sums, int64_t *mass) {
+/* Assignment of one problem's n points, optionally with fixed-point sums (qx/qw given). */
+static void assign_one(const float *pp, const float *cp, int n, int k, int d, int64_t *labels, float *d2, float *d2nd,
+                       const int64_t *qx, const int64_t *qw, int64_t *sums, int64_t *mass) {
     float soa[MAX_DIM * TILE];
     int32_t lab[TILE];
-    for (int p = 0; p < b; p++) {
-        const float *pp = pts + (size_t)p * n * d;
-        const float *cp = cen + (size_t)p * k * d;
-        for (int s = 0; s < n; s += TILE) {
-            int m = n - s < TILE ? n - s : TILE;
-            size_t off = (size_t)p * n + s;
-            to_soa(pp + (size_t)s * d, m, d, soa);
-            tile_nearest(soa, m, d, cp, k, lab, d2 + off, d2nd ? d2nd + off : NULL);
-            for (int i = 0; i < m; i++) labels[off + i] = lab[i];
-            if (!sums) continue;
-            for (int i = 0; i < m; i++) {
-                int64_t *dst = sums + ((size_t)p * k + lab[i]) * d;
-                const int64_t *src = qx + (off + i) * d;
-                for (int j = 0; j < d; j++) dst[j] += src[j];
-                mass[(size_t)p * k + lab[i]] += qw[off + i];
-            }
+    for (int s = 0; s < n; s += TILE) {
+        int m = n - s < TILE ? n - s : TILE;
+        to_soa(pp + (size_t)s * d, m, d, soa);
+        tile_nearest(soa, m, d, cp, k, lab, d2 + s, d2nd ? d2nd + s : NULL);
+        for (int i = 0; i < m; i++) labels[s + i] = lab[i];
+        if (!sums) continue;
+        for (int i = 0; i < m; i++) {
+            int64_t *dst = sums + (size_t)lab[i] * d;
+            const int64_t *src = qx + ((size_t)s + i) * d;
+            for (int j = 0; j < d; j++) dst[j] += src[j];
+            mass[lab[i]] += qw[s + i];
         }
+    }
+}
+
+static void assign_all(const float *pts, const float *cen, int b, int n, int k, int d, int64_t *labels, float *d2,
+                       float *d2nd, const int64_t *qx, const int64_t *qw, int64_t *sums, int64_t *mass) {
+    for (int p = 0; p < b; p++) {
+        size_t off = (size_t)p * n;
+        assign_one(pts + off * d, cen + (size_t)p * k * d, n, k, d, labels + off, d2 + off, d2nd ? d2nd + off : NULL,
+                   qx ? qx + off * d : NULL, qw ? qw + off : NULL, sums ? sums + (size_t)p * k * d : NULL,
+                   mass ? mass + (size_t)p * k : NULL);
     }
 }
 
@@ -294,11 +300,231 @@ static PyObject *py_min_update(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- Whole fits per problem: k-means++ seeding and the Lloyd loop, with no Python in
+ * between iterations (the per-iteration torch ops cost more than the distances on small
+ * colour sets). They follow gpu_kquant/kmeans.py's torch loop step for step. */
+
+/* searchsorted(cum, min(u * total, nextafter(total, 0)), right=True), clamped to n - 1. */
+static int sample_index(const double *cum, int n, double u) {
+    double total = cum[n - 1];
+    double target = u * total;
+    double below = nextafter(total, 0.0);
+    if (target > below) target = below;
+    int lo = 0, hi = n; /* first index with cum > target */
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        if (cum[mid] > target) hi = mid; else lo = mid + 1;
+    }
+    return lo < n - 1 ? lo : n - 1;
+}
+
+static void dist_to(const float *x, int n, int d, const float *c, float *out) {
+    float soa[MAX_DIM * TILE];
+    for (int s = 0; s < n; s += TILE) {
+        int m = n - s < TILE ? n - s : TILE;
+        to_soa(x + (size_t)s * d, m, d, soa);
+        tile_dist(soa, m, d, c, out + s);
+    }
+}
+
+/* Weighted greedy k-means++ of one problem; scratch: closest, tmp (n floats), cum (n doubles). */
+static int kpp_one(const float *x, const float *w, int n, int k, int nc, int d, const double *u, float *cen,
+                   float *closest, float *tmp, double *cum, double *pot) {
+    double acc = 0.0;
+    for (int i = 0; i < n; i++) cum[i] = acc += (double)w[i];
+    int first = sample_index(cum, n, u[0]);
+    memcpy(cen, x + (size_t)first * d, sizeof(float) * d);
+    dist_to(x, n, d, cen, closest);
+    int n_eff = 1;
+    for (int c = 1; c < k; c++) {
+        acc = 0.0;
+        for (int i = 0; i < n; i++) cum[i] = acc += (double)(w[i] * closest[i]);
+        int alive = cum[n - 1] > 0;
+        int best = 0, cand[64];
+        for (int l = 0; l < nc; l++) {
+            cand[l] = sample_index(cum, n, u[(size_t)c * nc + l]);
+            dist_to(x, n, d, x + (size_t)cand[l] * d, tmp);
+            double p = 0.0;
+            for (int i = 0; i < n; i++) p += (double)(w[i] * (tmp[i] < closest[i] ? tmp[i] : closest[i]));
+            pot[l] = p;
+            if (p < pot[best]) best = l;
+        }
+        first = cand[best];
+        const float *bx = x + (size_t)first * d;
+        memcpy(cen + (size_t)c * d, alive ? bx : cen + (size_t)(c - 1) * d, sizeof(float) * d);
+        dist_to(x, n, d, bx, tmp);
+        for (int i = 0; i < n; i++) closest[i] = tmp[i] < closest[i] ? tmp[i] : closest[i];
+        n_eff += alive;
+    }
+    return n_eff;
+}
+
+/* kmeans_pp(points, weights, uniforms, centres, n_eff, B, N, k, L, D) */
+static PyObject *py_kmeans_pp(PyObject *self, PyObject *args) {
+    PyObject *o[5];
+    int b, n, k, l, d;
+    if (!PyArg_ParseTuple(args, "OOOOOiiiii", &o[0], &o[1], &o[2], &o[3], &o[4], &b, &n, &k, &l, &d)) return NULL;
+    if (check_dims(b, n, k, d) < 0) return NULL;
+    if (l < 1 || l > 64) return PyErr_Format(PyExc_ValueError, "candidates per step must be 1..64, got %d", l);
+    Buf v[5];
+    memset(v, 0, sizeof(v));
+    Py_ssize_t bn = (Py_ssize_t)b * n;
+    if (get(o[0], &v[0], bn * d, 4, 0, "points") < 0 || get(o[1], &v[1], bn, 4, 0, "weights") < 0 ||
+        get(o[2], &v[2], (Py_ssize_t)b * k * l, 8, 0, "uniforms") < 0 ||
+        get(o[3], &v[3], (Py_ssize_t)b * k * d, 4, 1, "centres") < 0 || get(o[4], &v[4], b, 8, 1, "n_eff") < 0) {
+        release(v, 5);
+        return NULL;
+    }
+    float *scratch = malloc(sizeof(float) * 2 * (size_t)(n > 0 ? n : 1));
+    double *cum = malloc(sizeof(double) * ((size_t)(n > 0 ? n : 1) + (size_t)l));
+    if (!scratch || !cum) {
+        free(scratch), free(cum), release(v, 5);
+        return PyErr_NoMemory();
+    }
+    const float *pts = v[0].view.buf, *w = v[1].view.buf;
+    const double *u = v[2].view.buf;
+    float *cen = v[3].view.buf;
+    int64_t *n_eff = v[4].view.buf;
+    Py_BEGIN_ALLOW_THREADS for (int p = 0; p < b; p++) {
+        size_t off = (size_t)p * n;
+        n_eff[p] = kpp_one(pts + off * d, w + off, n, k, l, d, u + (size_t)p * k * l, cen + (size_t)p * k * d, scratch,
+                           scratch + n, cum, cum + n);
+    }
+    Py_END_ALLOW_THREADS free(scratch);
+    free(cum);
+    release(v, 5);
+    Py_RETURN_NONE;
+}
+
+typedef struct {
+    const float *x, *w;
+    const int64_t *qx, *qw;
+    int n, k, d, k_eff, max_iter;
+    double tol, sx, sw;
+} Problem;
+
+/* Move each empty cluster onto a distinct worst-fit point (largest d2, lowest index first). */
+static int reseed(const Problem *pr, const float *d2, const int64_t *mass, float *cen, int64_t *taken) {
+    int n_empty = 0, moved = 0;
+    for (int c = 0; c < pr->k_eff; c++) n_empty += mass[c] == 0;
+    if (!n_empty) return 0;
+    int top = n_empty < pr->n ? n_empty : pr->n;
+    for (int r = 0; r < top; r++) { /* r-th worst point: a selection pass per empty cluster */
+        int64_t best = -1;
+        for (int i = 0; i < pr->n; i++) {
+            if (!(pr->w[i] > 0)) continue;
+            int used = 0;
+            for (int q = 0; q < r; q++) used |= taken[q] == i;
+            if (used) continue;
+            if (best < 0 || d2[i] > d2[best]) best = i;
+        }
+        taken[r] = best;
+    }
+    int rank = 0;
+    for (int c = 0; c < pr->k_eff; c++) {
+        if (mass[c] != 0) continue;
+        int r = rank < top - 1 ? rank : top - 1;
+        rank++;
+        int64_t i = taken[r];
+        if (i < 0 || !(d2[i] > 0)) continue;
+        memcpy(cen + (size_t)c * pr->d, pr->x + (size_t)i * pr->d, sizeof(float) * pr->d);
+        moved++;
+    }
+    return moved;
+}
+
+/* The Lloyd loop of one problem; returns the iterations run, sets *converged. */
+static int lloyd_one(const Problem *pr, float *cen, int64_t *labels, float *d2, int64_t *scratch, float *newc,
+                     int *converged) {
+    int n = pr->n, k = pr->k, d = pr->d;
+    int64_t *sums = scratch, *mass = sums + (size_t)k * d, *lab2 = mass + k, *taken = lab2 + n;
+    memset(sums, 0, sizeof(int64_t) * (size_t)k * (d + 1));
+    assign_one(pr->x, cen, n, k, d, labels, d2, NULL, pr->qx, pr->qw, sums, mass);
+    *converged = 0;
+    for (int it = 1; it <= pr->max_iter; it++) {
+        for (int c = 0; c < k; c++) {
+            double m = (double)mass[c] / pr->sw;
+            for (int j = 0; j < d; j++) {
+                size_t e = (size_t)c * d + j;
+                newc[e] = mass[c] > 0 ? (float)(((double)sums[e] / pr->sx) / m) : cen[e];
+            }
+        }
+        int moved = reseed(pr, d2, mass, newc, taken);
+        double shift = 0.0;
+        for (size_t e = 0; e < (size_t)k * d; e++) {
+            float t = newc[e] - cen[e];
+            shift += (double)(t * t);
+        }
+        memcpy(cen, newc, sizeof(float) * (size_t)k * d);
+        memset(sums, 0, sizeof(int64_t) * (size_t)k * (d + 1));
+        assign_one(pr->x, cen, n, k, d, lab2, d2, NULL, pr->qx, pr->qw, sums, mass);
+        int changed = 0;
+        for (int i = 0; i < n; i++) {
+            changed |= (lab2[i] != labels[i]) & (pr->w[i] > 0);
+            labels[i] = lab2[i];
+        }
+        if ((shift <= pr->tol || !changed) && moved == 0) {
+            *converged = 1;
+            return it;
+        }
+    }
+    return pr->max_iter;
+}
+
+/* lloyd(points, weights, qx, qw, centroids, n_eff, tol, scale_x, scale_w, labels, d2, n_iter, converged,
+ *       B, N, k, D, max_iter); centroids updated in place */
+static PyObject *py_lloyd(PyObject *self, PyObject *args) {
+    PyObject *o[13];
+    int b, n, k, d, max_iter;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOiiiii", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
+                          &o[9], &o[10], &o[11], &o[12], &b, &n, &k, &d, &max_iter))
+        return NULL;
+    if (check_dims(b, n, k, d) < 0) return NULL;
+    Buf v[13];
+    memset(v, 0, sizeof(v));
+    Py_ssize_t bn = (Py_ssize_t)b * n;
+    const char *names[13] = {"points", "weights", "qx", "qw", "centroids", "n_eff", "tol", "scale_x", "scale_w",
+                             "labels", "d2", "n_iter", "converged"};
+    Py_ssize_t items[13] = {bn * d, bn, bn * d, bn, (Py_ssize_t)b * k * d, b, b, b, b, bn, bn, b, b};
+    Py_ssize_t sizes[13] = {4, 4, 8, 8, 4, 8, 8, 8, 8, 8, 4, 8, 1};
+    int writable[13] = {0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 1};
+    for (int i = 0; i < 13; i++) {
+        if (get(o[i], &v[i], items[i], sizes[i], writable[i], names[i]) < 0) {
+            release(v, 13);
+            return NULL;
+        }
+    }
+    int64_t *scratch = malloc(sizeof(int64_t) * ((size_t)k * (d + 1) + 2 * (size_t)n + (size_t)k + 1));
+    float *newc = malloc(sizeof(float) * (size_t)k * d);
+    if (!scratch || !newc) {
+        free(scratch), free(newc), release(v, 13);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS for (int p = 0; p < b; p++) {
+        size_t off = (size_t)p * n;
+        Problem pr = {(const float *)v[0].view.buf + off * d, (const float *)v[1].view.buf + off,
+                      (const int64_t *)v[2].view.buf + off * d, (const int64_t *)v[3].view.buf + off, n, k, d,
+                      (int)((const int64_t *)v[5].view.buf)[p], max_iter, ((const double *)v[6].view.buf)[p],
+                      ((const double *)v[7].view.buf)[p], ((const double *)v[8].view.buf)[p]};
+        int conv = 0;
+        int iters = lloyd_one(&pr, (float *)v[4].view.buf + (size_t)p * k * d, (int64_t *)v[9].view.buf + off,
+                              (float *)v[10].view.buf + off, scratch, newc, &conv);
+        ((int64_t *)v[11].view.buf)[p] = iters;
+        ((uint8_t *)v[12].view.buf)[p] = (uint8_t)conv;
+    }
+    Py_END_ALLOW_THREADS free(scratch);
+    free(newc);
+    release(v, 13);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"nearest", py_nearest, METH_VARARGS, "Nearest (and second-nearest) centroid of every point."},
     {"lloyd_step", py_lloyd_step, METH_VARARGS, "Assignment plus fixed-point cluster sums."},
     {"kpp_potential", py_kpp_potential, METH_VARARGS, "k-means++ potential of candidate centres."},
     {"min_update", py_min_update, METH_VARARGS, "min(closest, squared distance to a centre)."},
+    {"kmeans_pp", py_kmeans_pp, METH_VARARGS, "Weighted greedy k-means++ seeding, per problem."},
+    {"lloyd", py_lloyd, METH_VARARGS, "The whole Lloyd loop, per problem."},
     {NULL, NULL, 0, NULL},
 };
 

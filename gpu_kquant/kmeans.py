@@ -23,7 +23,7 @@ import torch
 
 from .device import resolve_device
 from .kernels import backend
-from .kernels.reference import sq_dists
+from .kernels.reference import paired_sq_dists, sq_dists
 from .reduce import FixedPointSums
 
 __all__ = [
@@ -168,6 +168,8 @@ def kmeans_plusplus(
         out of distinct points, its remaining centres repeat the last real one.
     """
     kern = _kernels(points.device)
+    if hasattr(kern, "kmeans_pp"):  # a whole-seeding kernel (CPU): no Python per centre
+        return kern.kmeans_pp(points, weights, uniforms)
     b, _, d = points.shape
     rows = torch.arange(b, device=points.device)
     centres = points.new_empty((b, k, d))
@@ -204,11 +206,16 @@ def _reseed_empty(
     of any problem (a fixed bound needs no host sync). Returns the new centroids and the
     number re-seeded per problem.
     """
-    score = torch.where(weights > 0, min_d2, torch.full_like(min_d2, -1.0))
-    top_score, top_idx = score.topk(max(1, min(most, score.shape[1])), dim=1)
+    # Largest distance first, the lowest index among equal ones: the key packs the
+    # distance's bits (monotonic for floats >= 0) above the reversed index.
+    n = min_d2.shape[1]
+    order = n - 1 - torch.arange(n, device=min_d2.device)
+    key = (min_d2.contiguous().view(torch.int32).long() << 32) | order
+    key = torch.where(weights > 0, key, torch.full_like(key, -1))
+    top_key, top_idx = key.topk(max(1, min(most, n)), dim=1)
     rank = (empty.cumsum(1) - 1).clamp_(0, top_idx.shape[1] - 1)
     src = top_idx.gather(1, rank)
-    usable = empty & (top_score.gather(1, rank) > 0)
+    usable = empty & (top_key.gather(1, rank) >= 0) & (min_d2.gather(1, src) > 0)
     moved = torch.where(usable[..., None], _gather_rows(points, src), centroids)
     return moved, usable.sum(1)
 
@@ -342,7 +349,7 @@ def _half_separation(centroids: torch.Tensor) -> torch.Tensor:
 def _dist_to_assigned(points: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Exact distance (B, N) of every point to its assigned centroid."""
     assigned = _gather_rows(centroids, labels)
-    return sq_dists(points.unsqueeze(2), assigned.unsqueeze(2))[..., 0, 0].sqrt_()
+    return paired_sq_dists(points, assigned).sqrt_()
 
 
 def assign_with_bounds(
@@ -432,6 +439,11 @@ def _lloyd(
     dev = x.device
     sums = FixedPointSums(x, w)
     tol_abs = _tolerance(x, w, tol)
+    kern = _kernels(dev)
+    if hasattr(kern, "lloyd") and not record:  # a whole-loop kernel (CPU): no Python per iteration
+        scales = (sums.scale_x, sums.scale_w)
+        c, labels, d2, n_iter, conv = kern.lloyd(x, w, sums.qx, sums.qw, scales, centroids, n_eff, tol_abs, max_iter)
+        return KMeansResult(c, labels, (w * d2).sum(1, dtype=torch.float64), n_iter, conv, n_eff)
     in_range = torch.arange(k, device=dev)[None, :] < n_eff[:, None]
     pos = w > 0
     rows = _Rows(x, sums, compact=dev.type == "cpu")

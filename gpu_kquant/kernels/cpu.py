@@ -13,7 +13,7 @@ try:  # built at install time; the torch reference stands in without it
 except ImportError:  # pragma: no cover - exercised only where the extension did not build
     _kernels = None
 
-__all__ = ["AVAILABLE", "kpp_potential", "lloyd_step", "min_update", "nearest"]
+__all__ = ["AVAILABLE", "kmeans_pp", "kpp_potential", "lloyd", "lloyd_step", "min_update", "nearest"]
 
 AVAILABLE = _kernels is not None
 
@@ -77,3 +77,61 @@ def min_update(points: torch.Tensor, centre: torch.Tensor, closest: torch.Tensor
     out = _f32(closest).clone()
     _kernels.min_update(_np(_f32(points)), _np(_f32(centre)), _np(out), b, n, d)
     return out
+
+
+def kmeans_pp(points: torch.Tensor, weights: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole weighted greedy k-means++ per problem; see :func:`gpu_kquant.kmeans.kmeans_plusplus`.
+
+    Args:
+        points: (B, N, D) float32; weights: (B, N) float32; uniforms: (B, k, L) float64.
+
+    Returns:
+        centres (B, k, D) float32 and the effective k (B,) int64.
+    """
+    b, n, d = points.shape
+    k, n_cand = uniforms.shape[1:]
+    centres = torch.empty((b, k, d), dtype=torch.float32)
+    n_eff = torch.empty(b, dtype=torch.long)
+    _kernels.kmeans_pp(
+        _np(_f32(points)), _np(_f32(weights)), _np(uniforms.double().contiguous()), _np(centres), _np(n_eff),
+        b, n, k, n_cand, d,
+    )  # fmt: skip
+    return centres, n_eff
+
+
+def lloyd(
+    points: torch.Tensor,
+    weights: torch.Tensor,
+    qx: torch.Tensor,
+    qw: torch.Tensor,
+    scales: tuple[torch.Tensor, torch.Tensor],
+    centroids: torch.Tensor,
+    n_eff: torch.Tensor,
+    tol_abs: torch.Tensor,
+    max_iter: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole Lloyd loop per problem, as :func:`gpu_kquant.kmeans._lloyd` runs it step by step.
+
+    Args:
+        points: (B, N, D) float32; weights: (B, N) float32; qx (B, N, D) and qw (B, N) int64
+        fixed-point data with their float64 scales (B,) each; centroids (B, k, D) float32
+        starting centroids; n_eff (B,) int64 effective k; tol_abs (B,) float64.
+
+    Returns:
+        centroids (B, k, D), labels (B, N) int64, squared distances (B, N) float32,
+        iterations run (B,) int64 and converged (B,) bool.
+    """
+    b, n, d = points.shape
+    k = centroids.shape[1]
+    cen = _f32(centroids).clone()
+    labels = torch.empty((b, n), dtype=torch.long)
+    d2 = torch.empty((b, n), dtype=torch.float32)
+    n_iter = torch.empty(b, dtype=torch.long)
+    converged = torch.empty(b, dtype=torch.bool)
+    _kernels.lloyd(
+        _np(_f32(points)), _np(_f32(weights)), _np(qx.contiguous()), _np(qw.contiguous()), _np(cen),
+        _np(n_eff.long().contiguous()), _np(tol_abs.double().contiguous()), _np(scales[0].double().contiguous()),
+        _np(scales[1].double().contiguous()), _np(labels), _np(d2), _np(n_iter), _np(converged),
+        b, n, k, d, max_iter,
+    )  # fmt: skip
+    return cen, labels, d2, n_iter, converged

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["kpp_potential", "lloyd_step", "min_update", "nearest", "sq_dists"]
+__all__ = ["kpp_potential", "lloyd_step", "min_update", "nearest", "paired_sq_dists", "sq_dists"]
 
 # Elements of one (B, chunk, k) distance block: small enough to stay in cache on a CPU,
 # large enough to keep a GPU busy.
@@ -28,6 +28,14 @@ def sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     out = (x[:, :, None, 0] - c[:, None, :, 0]).square_()
     for j in range(1, x.shape[2]):
         out += (x[:, :, None, j] - c[:, None, :, j]).square_()
+    return out
+
+
+def paired_sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Squared distances (...,) between matching rows of x and c (..., D), summed in index order."""
+    out = (x[..., 0] - c[..., 0]).square_()
+    for j in range(1, x.shape[-1]):
+        out += (x[..., j] - c[..., j]).square_()
     return out
 
 
