@@ -5,7 +5,8 @@ for images, shared palettes, and a streaming directory pipeline
 (``python -m gpu_kquant``).
 """
 
-from .kmeans import KMeans, KMeansResult, kmeans
+from .estimator import KMeans
+from .kmeans import KMeansResult, kmeans
 from .palette import ColorHistogram, Palette
 from .quantize import DITHERS, SPACES, Quantized, map_to_palette, quantize, quantize_batch
 

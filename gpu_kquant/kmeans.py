@@ -14,11 +14,9 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from types import ModuleType
 
-import numpy as np
 import torch
 
 from .device import resolve_device
@@ -28,7 +26,6 @@ from .reduce import FixedPointSums
 
 __all__ = [
     "IterationStats",
-    "KMeans",
     "KMeansResult",
     "assign",
     "assign_with_bounds",
@@ -481,108 +478,3 @@ def _lloyd(
             break
     inertia = (w * d2).sum(1, dtype=torch.float64)
     return KMeansResult(centroids, labels, inertia, n_iter, converged, n_eff, tuple(stats))
-
-
-class KMeans:
-    """scikit-learn style estimator around :func:`kmeans` for (N, D) data.
-
-    ``__init__`` only stores parameters; :meth:`fit` sets ``cluster_centers_``
-    (k', D), ``labels_`` (N,), ``inertia_``, ``n_iter_`` and ``n_features_in_`` as CPU
-    numpy values. ``k'`` is smaller than ``n_clusters`` (with a warning) when the
-    data has fewer distinct points.
-    """
-
-    def __init__(
-        self,
-        n_clusters: int = 8,
-        *,
-        init: str | np.ndarray = "k-means++",
-        n_init: int = 1,
-        max_iter: int = 300,
-        tol: float = 1e-4,
-        seed: int = 0,
-        device: str | torch.device | None = None,
-    ) -> None:
-        self.n_clusters = n_clusters
-        self.init = init
-        self.n_init = n_init
-        self.max_iter = max_iter
-        self.tol = tol
-        self.seed = seed
-        self.device = device
-
-    def get_params(self, deep: bool = True) -> dict:
-        """Constructor parameters, as scikit-learn's ``BaseEstimator`` returns them."""
-        return {
-            "n_clusters": self.n_clusters,
-            "init": self.init,
-            "n_init": self.n_init,
-            "max_iter": self.max_iter,
-            "tol": self.tol,
-            "seed": self.seed,
-            "device": self.device,
-        }
-
-    def set_params(self, **params: object) -> KMeans:
-        """Set constructor parameters; unknown names raise ``ValueError``."""
-        valid = self.get_params()
-        for name, value in params.items():
-            if name not in valid:
-                raise ValueError(f"invalid parameter {name!r} for KMeans")
-            setattr(self, name, value)
-        return self
-
-    def __repr__(self) -> str:
-        return "KMeans(" + ", ".join(f"{n}={v!r}" for n, v in self.get_params().items()) + ")"
-
-    @staticmethod
-    def _as_2d(x: object, name: str) -> torch.Tensor:
-        t = torch.as_tensor(np.asarray(x, dtype=np.float32))
-        if t.ndim != 2:
-            raise ValueError(f"{name} must be a 2-D array (n_samples, n_features), got shape {tuple(t.shape)}")
-        return t
-
-    def fit(self, X: object, y: object = None, sample_weight: object = None) -> KMeans:
-        """Fit on X (N, D) with optional ``sample_weight`` (N,); returns ``self``."""
-        data = self._as_2d(X, "X")
-        init = self.init if isinstance(self.init, str) else torch.as_tensor(np.asarray(self.init, np.float32))
-        weights = None if sample_weight is None else torch.as_tensor(np.asarray(sample_weight, np.float32))
-        res = kmeans(
-            data,
-            self.n_clusters,
-            weights=weights,
-            init=init,
-            n_init=self.n_init,
-            max_iter=self.max_iter,
-            tol=self.tol,
-            seed=self.seed,
-            device=self.device,
-        )
-        k_eff = int(res.n_clusters[0])
-        if k_eff < self.n_clusters:
-            warnings.warn(
-                f"Number of distinct clusters ({k_eff}) found smaller than n_clusters ({self.n_clusters})",
-                stacklevel=2,
-            )
-        self.cluster_centers_ = res.centroids[0, :k_eff].cpu().numpy()
-        self.labels_ = res.labels[0].cpu().numpy()
-        self.inertia_ = float(res.inertia[0])
-        self.n_iter_ = int(res.n_iter[0])
-        self.n_features_in_ = data.shape[1]
-        return self
-
-    def predict(self, X: object) -> np.ndarray:
-        """Index of the nearest learned centre for every row of X (N, D)."""
-        if not hasattr(self, "cluster_centers_"):
-            raise RuntimeError("this KMeans instance is not fitted yet; call fit first")
-        data = self._as_2d(X, "X")
-        if data.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {data.shape[1]} features, but KMeans was fitted with {self.n_features_in_}")
-        dev = resolve_device(self.device)
-        centres = torch.as_tensor(self.cluster_centers_, device=dev)[None]
-        labels, _ = assign(data.to(dev)[None], centres)
-        return labels[0].cpu().numpy()
-
-    def fit_predict(self, X: object, y: object = None, sample_weight: object = None) -> np.ndarray:
-        """Fit, then return ``labels_``."""
-        return self.fit(X, sample_weight=sample_weight).labels_

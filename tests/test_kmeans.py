@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import itertools
-import warnings
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from common_utils import cpu_and_cuda, needs_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpu_kquant import KMeans, kmeans
+from gpu_kquant import kmeans
 from gpu_kquant.kmeans import assign, assign_with_bounds, nearest_two
 
 
@@ -241,38 +240,6 @@ def test_per_iteration_stats() -> None:
     assert len(res.stats) == int(res.n_iter.max())
     inertias = [s.inertia for s in res.stats if s.active == 2]
     assert all(a >= b - 1e-3 * a for a, b in itertools.pairwise(inertias))
-
-
-class TestEstimator:
-    def test_sklearn_conventions(self) -> None:
-        est = KMeans(4, seed=3)
-        assert est.get_params()["n_clusters"] == 4
-        assert not hasattr(est, "cluster_centers_")
-        x = blobs(300, 2, 4).numpy()
-        assert est.fit(x) is est
-        assert est.cluster_centers_.shape == (4, 2)
-        assert est.labels_.shape == (300,)
-        assert est.n_iter_ >= 1 and est.inertia_ > 0
-        np.testing.assert_array_equal(est.predict(x), est.labels_)
-        np.testing.assert_array_equal(KMeans(4, seed=3).fit_predict(x), est.labels_)
-        assert est.set_params(n_clusters=3) is est and est.n_clusters == 3
-
-    def test_sklearn_clone_works(self) -> None:
-        base = pytest.importorskip("sklearn.base")
-        est = base.clone(KMeans(5, tol=0.0))
-        assert est.n_clusters == 5 and est.tol == 0.0
-
-    def test_warns_on_fewer_distinct_points(self) -> None:
-        x = np.array([[0.0, 0.0], [1.0, 1.0]] * 5)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            est = KMeans(4).fit(x)
-        assert any("distinct clusters (2)" in str(w.message) for w in caught)
-        assert est.cluster_centers_.shape == (2, 2)
-
-    def test_predict_before_fit(self) -> None:
-        with pytest.raises(RuntimeError, match="not fitted"):
-            KMeans(2).predict(np.zeros((2, 2)))
 
 
 @needs_cuda
