@@ -318,6 +318,7 @@ static int sample_index(const double *cum, int n, double u) {
     return lo < n - 1 ? lo : n - 1;
 }
 
+MULTIVERSION
 static void dist_to(const float *x, int n, int d, const float *c, float *out) {
     float soa[MAX_DIM * TILE];
     for (int s = 0; s < n; s += TILE) {
@@ -328,6 +329,7 @@ static void dist_to(const float *x, int n, int d, const float *c, float *out) {
 }
 
 /* Weighted greedy k-means++ of one problem; scratch: closest, tmp (n floats), cum (n doubles). */
+MULTIVERSION
 static int kpp_one(const float *x, const float *w, int n, int k, int nc, int d, const double *u, float *cen,
                    float *closest, float *tmp, double *cum, double *pot) {
     double acc = 0.0;
@@ -344,8 +346,13 @@ static int kpp_one(const float *x, const float *w, int n, int k, int nc, int d, 
         for (int l = 0; l < nc; l++) {
             cand[l] = sample_index(cum, n, u[(size_t)c * nc + l]);
             dist_to(x, n, d, x + (size_t)cand[l] * d, tmp);
-            double p = 0.0;
-            for (int i = 0; i < n; i++) p += (double)(w[i] * (tmp[i] < closest[i] ? tmp[i] : closest[i]));
+            double part[4] = {0.0, 0.0, 0.0, 0.0}; /* four fixed lanes: vectorises, same order every time */
+            int i = 0;
+            for (; i + 3 < n; i += 4)
+                for (int q = 0; q < 4; q++)
+                    part[q] += (double)(w[i + q] * (tmp[i + q] < closest[i + q] ? tmp[i + q] : closest[i + q]));
+            for (; i < n; i++) part[0] += (double)(w[i] * (tmp[i] < closest[i] ? tmp[i] : closest[i]));
+            double p = (part[0] + part[1]) + (part[2] + part[3]);
             pot[l] = p;
             if (p < pot[best]) best = l;
         }
@@ -433,42 +440,190 @@ static int reseed(const Problem *pr, const float *d2, const int64_t *mass, float
     return moved;
 }
 
-/* The Lloyd loop of one problem; returns the iterations run, sets *converged. */
-static int lloyd_one(const Problem *pr, float *cen, int64_t *labels, float *d2, int64_t *scratch, float *newc,
-                     int *converged) {
-    int n = pr->n, k = pr->k, d = pr->d;
-    int64_t *sums = scratch, *mass = sums + (size_t)k * d, *lab2 = mass + k, *taken = lab2 + n;
-    memset(sums, 0, sizeof(int64_t) * (size_t)k * (d + 1));
-    assign_one(pr->x, cen, n, k, d, labels, d2, NULL, pr->qx, pr->qw, sums, mass);
-    *converged = 0;
-    for (int it = 1; it <= pr->max_iter; it++) {
-        for (int c = 0; c < k; c++) {
-            double m = (double)mass[c] / pr->sw;
-            for (int j = 0; j < d; j++) {
-                size_t e = (size_t)c * d + j;
-                newc[e] = mass[c] > 0 ? (float)(((double)sums[e] / pr->sx) / m) : cen[e];
-            }
-        }
-        int moved = reseed(pr, d2, mass, newc, taken);
-        double shift = 0.0;
-        for (size_t e = 0; e < (size_t)k * d; e++) {
-            float t = newc[e] - cen[e];
-            shift += (double)(t * t);
-        }
-        memcpy(cen, newc, sizeof(float) * (size_t)k * d);
-        memset(sums, 0, sizeof(int64_t) * (size_t)k * (d + 1));
-        assign_one(pr->x, cen, n, k, d, lab2, d2, NULL, pr->qx, pr->qw, sums, mass);
-        int changed = 0;
-        for (int i = 0; i < n; i++) {
-            changed |= (lab2[i] != labels[i]) & (pr->w[i] > 0);
-            labels[i] = lab2[i];
-        }
-        if ((shift <= pr->tol || !changed) && moved == 0) {
-            *converged = 1;
-            return it;
+/* New centroids from the cluster sums (empty ones stay), then re-seeding; returns the
+ * number re-seeded and the summed squared shift. */
+static int update(const Problem *pr, const float *cen, const float *d2, const int64_t *sums, const int64_t *mass,
+                  float *newc, int64_t *taken, double *shift) {
+    int k = pr->k, d = pr->d;
+    for (int c = 0; c < k; c++) {
+        double m = (double)mass[c] / pr->sw;
+        for (int j = 0; j < d; j++) {
+            size_t e = (size_t)c * d + j;
+            newc[e] = mass[c] > 0 ? (float)(((double)sums[e] / pr->sx) / m) : cen[e];
         }
     }
-    return pr->max_iter;
+    int moved = reseed(pr, d2, mass, newc, taken);
+    double total = 0.0;
+    for (size_t e = 0; e < (size_t)k * d; e++) {
+        float t = newc[e] - cen[e];
+        total += (double)(t * t);
+    }
+    *shift = total;
+    return moved;
+}
+
+/* Squared distance of one point to one centre, in the kernels' order. */
+static inline float pdist(const float *x, const float *c, int d) {
+    float t = x[0] - c[0];
+    float s = t * t;
+    for (int j = 1; j < d; j++) {
+        t = x[j] - c[j];
+        s = s + t * t;
+    }
+    return s;
+}
+
+/* Hamerly's bounds for one problem: upper[i] bounds the distance to the assigned centre,
+ * lower[i] the distance to every other one; sums and mass are kept up to date as labels
+ * change. A point is skipped only when its bounds clear a margin larger than float32
+ * rounding, so the labels are exactly those of a full search. */
+typedef struct {
+    double *upper, *lower, *half_sep, *move;
+    int *todo;
+    float *buf;
+} Bounds;
+
+static double margin(double u) { return 1e-4 + 1e-5 * u; }
+
+static void bounds_init(const Problem *pr, const float *cen, int64_t *labels, float *d2, Bounds *bd) {
+    int n = pr->n, k = pr->k, d = pr->d;
+    float *d2nd = bd->buf + (size_t)TILE * d;
+    (void)k;
+    for (int s = 0; s < n; s += TILE) {
+        int m = n - s < TILE ? n - s : TILE;
+        float soa[MAX_DIM * TILE];
+        int32_t lab[TILE];
+        to_soa(pr->x + (size_t)s * d, m, d, soa);
+        tile_nearest(soa, m, d, cen, pr->k, lab, d2 + s, d2nd);
+        for (int i = 0; i < m; i++) {
+            labels[s + i] = lab[i];
+            bd->upper[s + i] = sqrt((double)d2[s + i]);
+            bd->lower[s + i] = sqrt((double)d2nd[i]);
+        }
+    }
+}
+
+/* Full search of the listed points; returns whether a positive-weight label changed. */
+static int bounds_search(const Problem *pr, const float *cen, int64_t *labels, int64_t *sums, int64_t *mass, Bounds *bd,
+                         int count) {
+    int d = pr->d, changed = 0;
+    float soa[MAX_DIM * TILE], best[TILE], second[TILE];
+    int32_t lab[TILE];
+    for (int s = 0; s < count; s += TILE) {
+        int m = count - s < TILE ? count - s : TILE;
+        for (int q = 0; q < m; q++) memcpy(bd->buf + (size_t)q * d, pr->x + (size_t)bd->todo[s + q] * d, 4 * d);
+        to_soa(bd->buf, m, d, soa);
+        tile_nearest(soa, m, d, cen, pr->k, lab, best, second);
+        for (int q = 0; q < m; q++) {
+            int i = bd->todo[s + q], a = (int)labels[i], b = lab[q];
+            bd->upper[i] = sqrt((double)best[q]);
+            bd->lower[i] = sqrt((double)second[q]);
+            if (a == b) continue;
+            changed |= pr->w[i] > 0;
+            for (int j = 0; j < d; j++) {
+                sums[(size_t)a * d + j] -= pr->qx[(size_t)i * d + j];
+                sums[(size_t)b * d + j] += pr->qx[(size_t)i * d + j];
+            }
+            mass[a] -= pr->qw[i];
+            mass[b] += pr->qw[i];
+            labels[i] = b;
+        }
+    }
+    return changed;
+}
+
+/* One bounded assignment after the centres moved from old to cen; returns "changed". */
+static int bounds_step(const Problem *pr, const float *old, const float *cen, int64_t *labels, int64_t *sums,
+                       int64_t *mass, Bounds *bd) {
+    int n = pr->n, k = pr->k, d = pr->d, far = 0;
+    double most = 0.0, next = 0.0;
+    for (int c = 0; c < k; c++) {
+        double mv = 0.0;
+        for (int j = 0; j < d; j++) {
+            double t = (double)cen[(size_t)c * d + j] - (double)old[(size_t)c * d + j];
+            mv += t * t;
+        }
+        bd->move[c] = sqrt(mv);
+        if (bd->move[c] > most) next = most, most = bd->move[c], far = c;
+        else if (bd->move[c] > next) next = bd->move[c];
+        double sep = INFINITY;
+        for (int e = 0; e < k; e++) {
+            if (e == c) continue;
+            double dd = 0.0;
+            for (int j = 0; j < d; j++) {
+                double t = (double)cen[(size_t)c * d + j] - (double)cen[(size_t)e * d + j];
+                dd += t * t;
+            }
+            sep = dd < sep ? dd : sep;
+        }
+        bd->half_sep[c] = 0.5 * sqrt(sep);
+    }
+    int count = 0;
+    for (int i = 0; i < n; i++) {
+        int a = (int)labels[i];
+        bd->upper[i] += bd->move[a];
+        bd->lower[i] -= a == far ? next : most;
+        double m = bd->half_sep[a] > bd->lower[i] ? bd->half_sep[a] : bd->lower[i];
+        if (bd->upper[i] + margin(bd->upper[i]) < m) continue;
+        bd->upper[i] = sqrt((double)pdist(pr->x + (size_t)i * d, cen + (size_t)a * d, d));
+        if (bd->upper[i] + margin(bd->upper[i]) < m) continue;
+        bd->todo[count++] = i;
+    }
+    return bounds_search(pr, cen, labels, sums, mass, bd, count);
+}
+
+static void exact_d2(const Problem *pr, const float *cen, const int64_t *labels, float *d2) {
+    for (int i = 0; i < pr->n; i++) d2[i] = pdist(pr->x + (size_t)i * pr->d, cen + (size_t)labels[i] * pr->d, pr->d);
+}
+
+/* Smallest k for which the bounds pay off (brute force vectorises better below it). */
+#define BOUNDS_MIN_K 32
+
+/* The Lloyd loop of one problem; returns the iterations run, sets *converged. */
+MULTIVERSION
+static int lloyd_one(const Problem *pr, float *cen, int64_t *labels, float *d2, int64_t *scratch, float *newc,
+                     int *converged, Bounds *bd) {
+    int n = pr->n, k = pr->k, d = pr->d, use_bounds = bd != NULL;
+    int64_t *sums = scratch, *mass = sums + (size_t)k * d, *lab2 = mass + k, *taken = lab2 + n;
+    float *old = newc + (size_t)k * d;
+    memset(sums, 0, sizeof(int64_t) * (size_t)k * (d + 1));
+    if (use_bounds) {
+        bounds_init(pr, cen, labels, d2, bd);
+        for (int i = 0; i < n; i++) {
+            for (int j = 0; j < d; j++) sums[labels[i] * d + j] += pr->qx[(size_t)i * d + j];
+            mass[labels[i]] += pr->qw[i];
+        }
+    } else {
+        assign_one(pr->x, cen, n, k, d, labels, d2, NULL, pr->qx, pr->qw, sums, mass);
+    }
+    *converged = 0;
+    int it = 1, empties = 0;
+    for (; it <= pr->max_iter; it++) {
+        double shift;
+        if (use_bounds && empties) exact_d2(pr, cen, labels, d2); /* re-seeding needs every distance */
+        int moved = update(pr, cen, d2, sums, mass, newc, taken, &shift);
+        memcpy(old, cen, sizeof(float) * (size_t)k * d);
+        memcpy(cen, newc, sizeof(float) * (size_t)k * d);
+        int changed = 0;
+        if (use_bounds) {
+            changed = bounds_step(pr, old, cen, labels, sums, mass, bd);
+        } else {
+            memset(sums, 0, sizeof(int64_t) * (size_t)k * (d + 1));
+            assign_one(pr->x, cen, n, k, d, lab2, d2, NULL, pr->qx, pr->qw, sums, mass);
+            for (int i = 0; i < n; i++) {
+                changed |= (lab2[i] != labels[i]) & (pr->w[i] > 0);
+                labels[i] = lab2[i];
+            }
+        }
+        empties = 0;
+        for (int c = 0; c < pr->k_eff; c++) empties += mass[c] == 0;
+        if ((shift <= pr->tol || !changed) && moved == 0) {
+            *converged = 1;
+            break;
+        }
+    }
+    if (use_bounds) exact_d2(pr, cen, labels, d2);
+    return it <= pr->max_iter ? it : pr->max_iter;
 }
 
 /* lloyd(points, weights, qx, qw, centroids, n_eff, tol, scale_x, scale_w, labels, d2, n_iter, converged,
@@ -495,9 +650,22 @@ static PyObject *py_lloyd(PyObject *self, PyObject *args) {
         }
     }
     int64_t *scratch = malloc(sizeof(int64_t) * ((size_t)k * (d + 1) + 2 * (size_t)n + (size_t)k + 1));
-    float *newc = malloc(sizeof(float) * (size_t)k * d);
-    if (!scratch || !newc) {
-        free(scratch), free(newc), release(v, 13);
+    float *newc = malloc(sizeof(float) * 2 * (size_t)k * d);
+    Bounds bounds, *bd = NULL;
+    double *dbl = NULL;
+    if (k >= BOUNDS_MIN_K) {
+        dbl = malloc(sizeof(double) * (2 * (size_t)n + 2 * (size_t)k));
+        bounds.todo = malloc(sizeof(int) * ((size_t)n + 1));
+        bounds.buf = malloc(sizeof(float) * (size_t)TILE * (d + 1));
+        if (dbl && bounds.todo && bounds.buf) {
+            bounds.upper = dbl, bounds.lower = dbl + n, bounds.half_sep = dbl + 2 * (size_t)n;
+            bounds.move = bounds.half_sep + k;
+            bd = &bounds;
+        }
+    }
+    if (!scratch || !newc || (k >= BOUNDS_MIN_K && !bd)) {
+        free(scratch), free(newc), free(dbl), release(v, 13);
+        if (k >= BOUNDS_MIN_K) free(bounds.todo), free(bounds.buf);
         return PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS for (int p = 0; p < b; p++) {
@@ -508,12 +676,13 @@ static PyObject *py_lloyd(PyObject *self, PyObject *args) {
                       ((const double *)v[7].view.buf)[p], ((const double *)v[8].view.buf)[p]};
         int conv = 0;
         int iters = lloyd_one(&pr, (float *)v[4].view.buf + (size_t)p * k * d, (int64_t *)v[9].view.buf + off,
-                              (float *)v[10].view.buf + off, scratch, newc, &conv);
+                              (float *)v[10].view.buf + off, scratch, newc, &conv, bd);
         ((int64_t *)v[11].view.buf)[p] = iters;
         ((uint8_t *)v[12].view.buf)[p] = (uint8_t)conv;
     }
     Py_END_ALLOW_THREADS free(scratch);
     free(newc);
+    if (bd) free(dbl), free(bounds.todo), free(bounds.buf);
     release(v, 13);
     Py_RETURN_NONE;
 }

@@ -245,6 +245,11 @@ def _validate(points: torch.Tensor, weights: torch.Tensor | None, k: int) -> tup
     return points.float().contiguous(), weights.contiguous()
 
 
+def kpp_candidates(k: int) -> int:
+    """Candidates per greedy k-means++ step: scikit-learn's 2 + floor(ln k)."""
+    return 2 + int(math.log(k))
+
+
 def _initial_centroids(
     points: torch.Tensor, weights: torch.Tensor, k: int, init: str | torch.Tensor, n_init: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -256,7 +261,7 @@ def _initial_centroids(
             raise ValueError(f"init must be 'k-means++' or a tensor of centroids, got {init!r}")
         x = points.repeat_interleave(n_init, 0)
         w = weights.repeat_interleave(n_init, 0)
-        u = _uniforms(seed, list(range(n_init)) * b, (k, 2 + int(math.log(k))), dev)
+        u = _uniforms(seed, list(range(n_init)) * b, (k, kpp_candidates(k)), dev)
         centroids, n_eff = kmeans_plusplus(x, w, k, u)
         return x, w, centroids, n_eff
     if n_init != 1:
@@ -314,8 +319,11 @@ def kmeans(
         raise ValueError(f"n_init must be >= 1, got {n_init}")
     if max_iter < 0:
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
+    # Fixed-point data and tolerances are per problem; restarts repeat them.
+    sums = FixedPointSums(points, weights).repeat_rows(n_init)
+    tol_abs = _tolerance(points, weights, tol).repeat_interleave(n_init)
     x, w, centroids, n_eff = _initial_centroids(points, weights, k, init, n_init, seed)
-    fit = _lloyd(x, w, centroids, n_eff, max_iter, tol, stats)
+    fit = _lloyd(x, w, sums, tol_abs, centroids, n_eff, max_iter, stats)
     return fit if n_init == 1 or keep_restarts else best_restarts(fit, n_init)
 
 
@@ -419,10 +427,11 @@ class _Rows:
 def _lloyd(
     x: torch.Tensor,
     w: torch.Tensor,
+    sums: FixedPointSums,
+    tol_abs: torch.Tensor,
     centroids: torch.Tensor,
     n_eff: torch.Tensor,
     max_iter: int,
-    tol: float,
     record: bool = False,
 ) -> KMeansResult:
     """Lloyd iterations with the fused assignment + sums kernel; finished problems freeze.
@@ -434,8 +443,6 @@ def _lloyd(
     b, _, _ = x.shape
     k = centroids.shape[1]
     dev = x.device
-    sums = FixedPointSums(x, w)
-    tol_abs = _tolerance(x, w, tol)
     kern = _kernels(dev)
     if hasattr(kern, "lloyd") and not record:  # a whole-loop kernel (CPU): no Python per iteration
         scales = (sums.scale_x, sums.scale_w)

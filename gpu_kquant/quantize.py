@@ -30,8 +30,10 @@ from .spaces import SPACES, ColorSpace
 __all__ = ["DITHERS", "SPACES", "Quantized", "fit_palette", "map_to_palette", "quantize", "quantize_batch", "to_tensor"]
 
 # k-means++ and the first Lloyd run use a set of at most this many points, with a looser
-# tolerance; Lloyd on the fine set then starts close to convergence.
-_SEED_POINTS = 1 << 14
+# tolerance; Lloyd on the fine set then starts close to convergence. Measured on 12
+# 256x256 photo crops (CPU time, C kernels): 4096 instead of 16384 costs 0.01 dB at
+# k = 16 (1.6x faster), 0.07 dB at k = 64 (2.6x) and 0.02 dB at k = 256 (1.4x).
+_SEED_POINTS = 1 << 12
 _SEED_TOL_FACTOR = 10.0
 # Restarts carried on from the coarse to the fine set (see _fit).
 _REFINED = 2
@@ -163,7 +165,7 @@ def _plan(group: _Group, max_points: int) -> _Plan:
     """Pick the exact colours (at most ``max_points``) or a fine histogram, and a seed set.
 
     Larger colour sets are merged into ``FINE_BITS`` bins, coarser only if those still
-    number more than four times ``max_points``; the seed set has at most 16384 points.
+    number more than four times ``max_points``; the seed set has at most 4096 points.
     Coarser histograms are built from the finer bins.
     """
     exact = (group.points, group.counts.float())

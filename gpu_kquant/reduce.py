@@ -27,6 +27,13 @@ class FixedPointSums:
         self.qx = torch.round(xw * self.scale_x[:, None, None]).long()
         self.qw = torch.round(w64 * self.scale_w[:, None]).long()
 
+    def repeat_rows(self, times: int) -> FixedPointSums:
+        """The same sums with every problem repeated ``times`` times in a row (restarts)."""
+        out = object.__new__(FixedPointSums)
+        out.qx, out.qw = self.qx.repeat_interleave(times, 0), self.qw.repeat_interleave(times, 0)
+        out.scale_x, out.scale_w = self.scale_x.repeat_interleave(times), self.scale_w.repeat_interleave(times)
+        return out
+
     def select(self, keep: torch.Tensor) -> None:
         self.qx, self.qw = self.qx[keep], self.qw[keep]
         self.scale_x, self.scale_w = self.scale_x[keep], self.scale_w[keep]

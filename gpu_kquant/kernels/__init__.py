@@ -29,7 +29,7 @@ import torch
 
 from . import reference
 
-__all__ = ["REGISTRY", "Backend", "backend", "available_backends"]
+__all__ = ["REGISTRY", "Backend", "available_backends", "backend"]
 
 ENV_VAR = "GPU_KQUANT_KERNELS"
 
