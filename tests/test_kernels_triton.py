@@ -158,32 +158,48 @@ def test_min_update_matches_reference(d: int) -> None:
     assert torch.all((got.double().cpu() - expect).abs() <= (d + 2) * U32 * expect)
 
 
+def _in_batch(gen: torch.Generator, x: torch.Tensor, pad: int, fill: float | None) -> torch.Tensor:
+    """``x`` (1, n, ...) padded to n + pad points (zeros, or random when ``fill`` is None) as row 1 of 3."""
+    if fill is None:
+        tail = _rand(gen, 1, pad, *x.shape[2:])
+    else:
+        tail = torch.full((1, pad, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
+    row = torch.cat([x, tail.to(x.dtype)], 1)
+    others = [_rand(gen, *row.shape).to(x.dtype) if fill is None else row for _ in range(2)]
+    return torch.cat([others[0], row, others[1]])
+
+
 @pytest.mark.parametrize("d", [3, 7])
-def test_batch_independence(d: int) -> None:
+def test_lloyd_step_batch_independence(d: int) -> None:
     """A problem alone equals the same problem padded with zero-weight points inside a larger batch."""
     gen = torch.Generator().manual_seed(99 + d)
-    n, pad, k = 170, 150, 20  # kpp blocks of 128: several blocks alone, more when padded
+    n, pad, k = 170, 150, 20
     points, centres = _rand(gen, 1, n, d), _rand(gen, 1, k, d)
     qx, qw = _fixed_point(gen, 1, n, d)
-    weights, closest, cands = _rand(gen, 1, n, scale=2.0), _rand(gen, 1, n, scale=1e4), _rand(gen, 1, 5, d)
-    big_points = torch.cat([points, _rand(gen, 1, pad, d)], 1)
-    big_points = torch.cat([_rand(gen, 1, n + pad, d), big_points, _rand(gen, 1, n + pad, d)])
-    zeros = torch.zeros(1, pad, dtype=torch.long, device=DEVICE)
-    big_qx = torch.cat([qx, zeros[..., None].expand(1, pad, d)], 1).repeat(3, 1, 1)
-    big_qw = torch.cat([qw, zeros], 1).repeat(3, 1)
-    big_w = torch.cat([weights, zeros.float()], 1).repeat(3, 1)
-    big_closest = torch.cat([closest, _rand(gen, 1, pad, scale=1e4)], 1).repeat(3, 1)
-    big_centres = torch.cat([_rand(gen, 1, k, d), centres, _rand(gen, 1, k, d)])
-    big_cands = torch.cat([_rand(gen, 1, 5, d), cands, _rand(gen, 1, 5, d)])
-
     alone = tk.lloyd_step(points, qx, qw, centres)
-    batched = tk.lloyd_step(big_points, big_qx, big_qw, big_centres)
+    big_centres = torch.cat([_rand(gen, 1, k, d), centres, _rand(gen, 1, k, d)])
+    big_q = (_in_batch(gen, qx, pad, 0), _in_batch(gen, qw, pad, 0))
+    batched = tk.lloyd_step(_in_batch(gen, points, pad, None), *big_q, big_centres)
     assert torch.equal(alone[0][0], batched[0][1, :n]) and torch.equal(alone[1][0], batched[1][1, :n])
     assert torch.equal(alone[2][0], batched[2][1]) and torch.equal(alone[3][0], batched[3][1])
-    pot_alone = tk.kpp_potential(points, weights, closest, cands)
-    pot_batched = tk.kpp_potential(big_points, big_w, big_closest, big_cands)
-    assert torch.equal(pot_alone[0], pot_batched[1])
-    assert torch.equal(pot_batched, tk.kpp_potential(big_points, big_w, big_closest, big_cands)), "not deterministic"
+
+
+@pytest.mark.parametrize("d", [3, 7])
+def test_kpp_potential_batch_independence(d: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float64 potentials are bit-identical alone and padded in a batch, and deterministic."""
+    # Blocks of 2 x 128 points instead of 32 x 128: the same code with several blocks at sizes
+    # the interpreter runs in seconds.
+    monkeypatch.setattr(tk, "_KPP_CHUNKS", 2)
+    gen = torch.Generator().manual_seed(199 + d)
+    n, pad = 300, 250  # blocks of 256 points: two alone, three padded
+    points, cands = _rand(gen, 1, n, d), _rand(gen, 1, 5, d)
+    weights, closest = _rand(gen, 1, n, scale=2.0), _rand(gen, 1, n, scale=1e4)
+    alone = tk.kpp_potential(points, weights, closest, cands)
+    big = (_in_batch(gen, points, pad, None), _in_batch(gen, weights, pad, 0), _in_batch(gen, closest, pad, None))
+    big_cands = torch.cat([_rand(gen, 1, 5, d), cands, _rand(gen, 1, 5, d)])
+    batched = tk.kpp_potential(*big, big_cands)
+    assert torch.equal(alone[0], batched[1])
+    assert torch.equal(batched, tk.kpp_potential(*big, big_cands)), "not deterministic"
 
 
 def test_map_pixels_and_edge_shapes() -> None:
@@ -217,6 +233,11 @@ sig = dict(zip(names, types), N="i32", K="i32", **consts)
 for d, tile in ((3, 0), (4, 16)):
     text = ptx(tk._nearest_kernel, sig, dict(D=d, SECOND=True, SUMS=True, TILE_K=tile, BLOCK_N=512, UNROLL=4))
     print(d, tile, len(re.findall(r"\\bfma\\.", text)), "red.global.gpu.relaxed.add.u64" in text, "mul.rn.f32" in text)
+names = "p_ptr w_ptr cl_ptr cand_ptr part_ptr".split()
+sig = dict(zip(names, ["*fp32"] * 4 + ["*fp64"]), N="i32", L="i32", NB="i32")
+sig.update(dict.fromkeys("D BLOCK_N BLOCK_L CHUNKS".split(), "constexpr"))
+text = ptx(tk._kpp_partial_kernel, sig, dict(D=4, BLOCK_N=128, BLOCK_L=16, CHUNKS=32))
+print("kpp", len(re.findall(r"\\bfma\\.", text)), "add.rn.f64" in text)
 """
 
 
@@ -233,5 +254,5 @@ def test_compiled_kernels_have_no_fma_and_integer_atomics() -> None:
     if proc.returncode != 0 and "ptxas" in proc.stderr.lower():
         pytest.skip(f"cannot compile PTX here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.split("\n")[-3:-1]
-    assert lines == ["3 0 0 True True", "4 16 0 True True"], proc.stdout
+    lines = proc.stdout.split("\n")[-4:-1]
+    assert lines == ["3 0 0 True True", "4 16 0 True True", "kpp 0 True"], proc.stdout

@@ -47,9 +47,11 @@ AVAILABLE = INTERPRET or (not _ENV_INTERPRET and torch.cuda.is_available())
 _BLOCK_N_LARGE, _BLOCK_N_SMALL, _MIN_PROGRAMS = 512, 128, 4 * 132
 # The interpreter pays per operation, not per element: one wide block per problem.
 _BLOCK_N_INTERPRET = 1024
-# Fixed (never size-dependent) block of the k-means++ partial sums: the float64 tree
-# inside a block depends on it, and batch-independence needs the same tree alone or padded.
-_KPP_BLOCK_N, _KPP_BLOCK_L = 128, 16
+# Fixed (never size-dependent) blocks of the k-means++ partial sums: the float64 summation
+# order depends on them, and batch-independence needs the same order alone or padded. A
+# program sums 32 chunks of 128 points, so the in-order sum over blocks (one latency-bound
+# load per block) is 4096x shorter than N; 16 candidates cover L = 2 + ln k for any k <= 65536.
+_KPP_BLOCK_N, _KPP_CHUNKS, _KPP_BLOCK_L = 128, 32, 16
 # Up to this k, lloyd_step pre-reduces each block's sums per cluster before the atomics:
 # with few clusters, millions of atomics on k*D addresses would serialise in L2.
 _PRE_REDUCE_MAX_K, _PRE_REDUCE_TILE = 32, 16
@@ -154,26 +156,30 @@ def _nearest_kernel(
 @triton.jit
 def _kpp_partial_kernel(
     p_ptr, w_ptr, cl_ptr, cand_ptr, part_ptr, N, L, NB,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKS: tl.constexpr,
 ):  # fmt: skip
-    # part[b, block, l] = float64 sum over the block's points of f32(w * min(closest, d2)).
+    # part[b, blk, l] = float64 sum of f32(w * min(closest, d2)) over the CHUNKS * BLOCK_N points of
+    # block blk: added element-wise chunk by chunk, then one tree sum. Padding adds exact zeros.
     b = tl.program_id(1).to(tl.int64)
     blk = tl.program_id(0)
-    offs = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = offs < N
     p = p_ptr + b * N * D
-    w = tl.load(w_ptr + b * N + offs, mask=mask, other=0.0)[:, None]
-    cl = tl.load(cl_ptr + b * N + offs, mask=mask, other=0.0)[:, None]
-    x0 = _coord(p, offs, mask, 0, D)[:, None]
-    x1 = _coord(p, offs, mask, 1, D)[:, None]
-    x2 = _coord(p, offs, mask, 2, D)[:, None]
-    x3 = _coord(p, offs, mask, 3, D)[:, None]
+    cand = cand_ptr + b * L * D
     for l0 in range(0, L, BLOCK_L):
         ls = l0 + tl.arange(0, BLOCK_L)
         lm = ls < L
-        d2 = _dist(x0, x1, x2, x3, p, offs[:, None], mask[:, None], cand_ptr + b * L * D, ls[None, :], lm[None, :], D)
-        term = w * tl.where(d2 < cl, d2, cl)
-        tl.store(part_ptr + (b * NB + blk) * L + ls, tl.sum(term.to(tl.float64), axis=0), mask=lm)
+        acc = tl.zeros((BLOCK_N, BLOCK_L), tl.float64)
+        for i in range(0, CHUNKS):
+            offs = (blk * CHUNKS + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask = offs < N
+            x0 = _coord(p, offs, mask, 0, D)[:, None]
+            x1 = _coord(p, offs, mask, 1, D)[:, None]
+            x2 = _coord(p, offs, mask, 2, D)[:, None]
+            x3 = _coord(p, offs, mask, 3, D)[:, None]
+            d2 = _dist(x0, x1, x2, x3, p, offs[:, None], mask[:, None], cand, ls[None, :], lm[None, :], D)
+            w = tl.load(w_ptr + b * N + offs, mask=mask, other=0.0)[:, None]
+            cl = tl.load(cl_ptr + b * N + offs, mask=mask, other=0.0)[:, None]
+            acc += (w * tl.where(d2 < cl, d2, cl)).to(tl.float64)
+        tl.store(part_ptr + (b * NB + blk) * L + ls, tl.sum(acc, axis=0), mask=lm)
 
 
 @triton.jit
@@ -212,6 +218,8 @@ def _check(points: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, t
                          f"{tuple(centres.shape)}")  # fmt: skip
     if centres.shape[2] != points.shape[2] or centres.shape[1] == 0:
         raise ValueError(f"centres {tuple(centres.shape)} do not fit points {tuple(points.shape)}")
+    if max(points.shape[1], centres.shape[1]) * points.shape[2] >= 1 << 31:
+        raise ValueError(f"one problem must hold under 2**31 coordinates, got {tuple(points.shape)}")  # int32 offsets
     return points.contiguous(), centres.contiguous()
 
 
@@ -308,7 +316,7 @@ def kpp_potential(
     points, candidates = _check(points, candidates)
     b, n, d = points.shape
     n_cand = candidates.shape[1]
-    nb = max(1, triton.cdiv(n, _KPP_BLOCK_N))
+    nb = max(1, triton.cdiv(n, _KPP_BLOCK_N * _KPP_CHUNKS))
     part = torch.zeros((b, nb, n_cand), dtype=torch.float64, device=points.device)
     out = torch.empty((b, n_cand), dtype=torch.float64, device=points.device)
     if b == 0:
@@ -318,9 +326,12 @@ def kpp_potential(
         if n > 0:
             _kpp_partial_kernel[(nb, b)](
                 points, w, cl, candidates, part, n, n_cand, nb,
-                D=d, BLOCK_N=_KPP_BLOCK_N, BLOCK_L=_KPP_BLOCK_L, num_warps=_NUM_WARPS, enable_fp_fusion=False,
+                D=d, BLOCK_N=_KPP_BLOCK_N, BLOCK_L=_KPP_BLOCK_L, CHUNKS=_KPP_CHUNKS, num_warps=_NUM_WARPS,
+                enable_fp_fusion=False,
             )  # fmt: skip
-        _sum_blocks_kernel[(triton.cdiv(n_cand, 128), b)](part, out, n_cand, nb, BLOCK_L=128, num_warps=_NUM_WARPS)
+        _sum_blocks_kernel[(triton.cdiv(n_cand, 32), b)](
+            part, out, n_cand, nb, BLOCK_L=32, num_warps=1, enable_fp_fusion=False
+        )
     return out
 
 
