@@ -237,7 +237,7 @@ def _assign(
     k = centroids.shape[1]
     labels = torch.empty((b, n), dtype=torch.long, device=points.device)
     d2 = torch.empty((b, n), dtype=torch.float32, device=points.device)
-    d2nd = torch.full((b, n), float("inf"), dtype=torch.float32, device=points.device) if second else None
+    d2nd = torch.empty((b, n), dtype=torch.float32, device=points.device) if second else None  # all written
     if b * n == 0:
         return labels, d2, d2nd
     qx, qw, s_out, m_out = sums if sums is not None else (labels, labels, labels, labels)
