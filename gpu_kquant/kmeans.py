@@ -234,14 +234,17 @@ def _validate(points: torch.Tensor, weights: torch.Tensor | None, k: int) -> tup
     weights = torch.as_tensor(weights, device=points.device)
     if weights.shape != points.shape[:2]:
         raise ValueError(f"weights must have shape {tuple(points.shape[:2])}, got {tuple(weights.shape)}")
-    if not torch.isfinite(points).all():
-        raise ValueError("points contain NaN or infinity")
     weights = weights.float()
-    if not torch.isfinite(weights).all() or (weights < 0).any():
-        raise ValueError("weights must be finite and non-negative")
-    empty_rows = (weights.sum(1) <= 0).nonzero().flatten().tolist()
-    if empty_rows:
-        raise ValueError(f"problem(s) {empty_rows[:5]} have no point with positive weight")
+    bad_points = ~torch.isfinite(points).all()
+    bad_weights = ~torch.isfinite(weights).all() | (weights < 0).any()
+    empty = weights.sum(1) <= 0
+    if bool(bad_points | bad_weights | empty.any()):  # one host sync; the details only on failure
+        if bool(bad_points):
+            raise ValueError("points contain NaN or infinity")
+        if bool(bad_weights):
+            raise ValueError("weights must be finite and non-negative")
+        rows = empty.nonzero().flatten().tolist()
+        raise ValueError(f"problem(s) {rows[:5]} have no point with positive weight")
     return points.float().contiguous(), weights.contiguous()
 
 
