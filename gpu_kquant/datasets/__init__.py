@@ -1,0 +1,1 @@
+"""Datasets as they come: WebDataset/img2dataset tar shards, Parquet, token arrays."""
