@@ -104,9 +104,8 @@ def _palette(
 
 def _options(args: argparse.Namespace, parser: argparse.ArgumentParser, shards: list[Shard]) -> DatasetOptions:
     """Typed options from the flags; fits the shared palette when asked for (it needs every shard)."""
-    for flag, value in (("--quality", args.quality), ("--engine ray", args.engine == "ray")):
-        if value:
-            parser.error(f"{flag} is not supported with dataset inputs yet")
+    if args.quality:
+        parser.error("--quality is not supported with dataset inputs yet")
     out = args.out
     if out is None:  # beside the shards' folder, never into it
         base = shards[0].path if shards[0].kind == "files" else shards[0].path.parent
@@ -180,7 +179,13 @@ def run_datasets(args: argparse.Namespace, parser: argparse.ArgumentParser) -> t
         bar.update(1)
 
     try:
-        run_shards(mine, options, emit, parallel=parallel, assemble_tokens=count == 1, stop=stop)
+        if args.engine == "ray":
+            from .ray_engine import run_shards_ray  # optional dependency, imported only when asked for
+
+            gpus = args.device != "cpu"  # the driver may have no GPU while the workers do
+            run_shards_ray(mine, options, emit, address=args.ray_address, assemble_tokens=count == 1, gpus=gpus)
+        else:
+            run_shards(mine, options, emit, parallel=parallel, assemble_tokens=count == 1, stop=stop)
     except KeyboardInterrupt:
         stop.set()
         summary.interrupted = True

@@ -116,6 +116,8 @@ def find_shards(inputs: Iterable[str]) -> tuple[list[Shard], list[str]]:
             paths = [Path(n) for n in names]
         else:
             path = Path(text)
+            if shard_kind(path) and not path.exists():
+                raise ValueError(f"input not found: {path}")
             paths = _shards_in(path) if path.is_dir() else [path]
             if not any(shard_kind(p) for p in paths):
                 rest.append(text)

@@ -12,6 +12,7 @@ was replaced) reuses the assembled rows and adds the new parts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,8 @@ def assemble(out: Path, names: list[str], palette: np.ndarray) -> list[Row]:
         if meta["part"]:
             (out / PARTS_DIR / f"{name}.bin").unlink(missing_ok=True)
             (out / PARTS_DIR / f"{name}.json").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        (out / PARTS_DIR).rmdir()  # only when empty: another run's parts stay
     return rows
 
 
