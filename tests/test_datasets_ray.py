@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("ray")
 
-from common_utils import cli  # noqa: E402
-from dataset_utils import write_shard  # noqa: E402
+from common_utils import cli
+from dataset_utils import write_shard
 
 
 def test_ray_gives_the_local_engines_bytes(tmp_path: Path) -> None:
