@@ -250,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The pipeline enforces --max-pixels itself with a clear per-file reason.
+    Image.MAX_IMAGE_PIXELS = max(args.max_pixels, Image.MAX_IMAGE_PIXELS or 0)
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     datasets_code, args.inputs = run_datasets(args, parser)  # shards and Parquet; returns the other inputs
     if datasets_code is None or args.inputs:
         return max(datasets_code or EXIT_OK, _main_images(args, parser))
@@ -259,9 +262,6 @@ def main(argv: list[str] | None = None) -> int:
 def _main_images(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """The image-file pipeline over ``args.inputs``."""
     config = _config(args, parser)
-    # The pipeline enforces --max-pixels itself with a clear per-file reason.
-    Image.MAX_IMAGE_PIXELS = max(args.max_pixels, Image.MAX_IMAGE_PIXELS or 0)
-    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     try:
         try:
             job = prepare(config)

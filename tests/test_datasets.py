@@ -110,3 +110,18 @@ def test_output_folder_must_not_overwrite_the_input(tmp_path: Path) -> None:
     result = cli(tmp_path / "a.tar", "-o", tmp_path, "--quiet")
     assert result.returncode == 2 and "overwrite" in result.stderr
     assert (tmp_path / "a.tar").read_bytes() == before
+
+
+def test_files_output_from_a_shard_resumes_per_file(tmp_path: Path) -> None:
+    from gpu_kquant.datasets import DatasetOptions, find_shards, process_shard
+    from gpu_kquant.options import FitOptions
+
+    write_shard(tmp_path / "a.tar", 0, 3, corrupt={0})
+    (shard,), _ = find_shards([str(tmp_path / "a.tar")])
+    options = DatasetOptions(out=tmp_path / "out", output_format="files", fit=FitOptions(k=5))
+    rows = process_shard(shard, options)
+    assert [r.status for r in rows] == ["failed", "ok", "ok"]
+    files = sorted(p.name for p in (tmp_path / "out" / "a").iterdir())
+    assert files == ["000000001.png", "000000002.png"]
+    assert all(colours((tmp_path / "out" / "a" / f).read_bytes()) <= 5 for f in files)
+    assert [r.status for r in process_shard(shard, options)] == ["failed", "skipped", "skipped"]

@@ -185,30 +185,28 @@ def _row(where: _Where, item: _Decoded, result: Any, encoded: Any, sink: Any, se
 def _process_chunk(
     chunk: list[Sample], sink: Any, pool: ThreadPoolExecutor, options: DatasetOptions, where: _Where
 ) -> list[Row]:
-    rows: list[Row] = []
-    if isinstance(sink, FilesSink) and not options.overwrite:
-        todo = []
-        for sample in chunk:
-            if sink.path(sample.key).exists():
-                rows.append(
-                    Row(
-                        f"{where.shard.path}#{sample.key}",
-                        str(sink.path(sample.key)),
-                        "skipped",
-                        reason="output exists",
-                        k=where.k,
-                    )
-                )
-            else:
-                todo.append(sample)
-        chunk = todo
-    items = list(pool.map(lambda s: _decode(s, options), chunk))
+    """Decode, quantize, encode and write one chunk; rows in input order."""
+    skip: dict[int, Row] = {}
+    if isinstance(sink, FilesSink) and not options.overwrite:  # loose files resume file by file
+        for i, sample in enumerate(chunk):
+            path = sink.path(sample.key)
+            if path.exists():
+                src = f"{where.shard.path}#{sample.key}"
+                skip[i] = Row(src, str(path), "skipped", reason="output exists", k=where.k)
+    todo = [s for i, s in enumerate(chunk) if i not in skip]
+    items = list(pool.map(lambda s: _decode(s, options), todo))
     t0 = time.perf_counter()
     results = _quantize(items, options)
     encoded = list(pool.map(lambda r: _encode_safely(r, options, where.fmt), results))
     total = sum(i.pixels.shape[0] * i.pixels.shape[1] for i in items if i.pixels is not None) or 1
     seconds = time.perf_counter() - t0
-    for item, result, enc in zip(items, results, encoded):
+    done = iter(zip(items, results, encoded))
+    rows = []
+    for i in range(len(chunk)):
+        if i in skip:
+            rows.append(skip[i])
+            continue
+        item, result, enc = next(done)
         share = 0.0 if item.pixels is None else seconds * item.pixels.shape[0] * item.pixels.shape[1] / total
         rows.append(_row(where, item, result, enc, sink, share))
     return rows
