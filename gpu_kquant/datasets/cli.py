@@ -78,6 +78,8 @@ def _collect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple
     except ValueError as exc:
         parser.error(str(exc))
     if args.output_format in (None, "files"):
+        if rest and args.resize is not None:  # the image pipeline has no resize step yet
+            parser.error("--resize needs dataset inputs or --output-format webdataset, parquet or tokens for now")
         return shards, rest
     for text in rest:
         path = Path(text)
