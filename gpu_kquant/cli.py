@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import __version__
+from .datasets.cli import add_dataset_arguments, run_datasets
 from .device import resolve_device
 from .io import FORMATS
 from .palette import Palette
@@ -189,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--demo", action="store_true", help=f"quantize the bundled sample photos into ./{DEMO_OUT}/")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_dataset_arguments(parser)
     return parser
 
 
@@ -248,10 +250,18 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = _config(args, parser)
     # The pipeline enforces --max-pixels itself with a clear per-file reason.
     Image.MAX_IMAGE_PIXELS = max(args.max_pixels, Image.MAX_IMAGE_PIXELS or 0)
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    datasets_code, args.inputs = run_datasets(args, parser)  # shards and Parquet; returns the other inputs
+    if datasets_code is None or args.inputs:
+        return max(datasets_code or EXIT_OK, _main_images(args, parser))
+    return datasets_code
+
+
+def _main_images(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """The image-file pipeline over ``args.inputs``."""
+    config = _config(args, parser)
     try:
         try:
             job = prepare(config)

@@ -1,0 +1,204 @@
+"""Command-line glue for dataset inputs: the flags, and a run of the shards named on the command line.
+
+``gpu_kquant.cli`` calls :func:`add_dataset_arguments` when it builds its parser and
+:func:`run_datasets` first thing in ``main``; image files and folders that are not
+dataset inputs go back to the image pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..io import IMAGE_EXTENSIONS
+from ..options import FitOptions
+from ..palette import Palette
+from ..pipeline import remove_stale_temps, shard_of
+from ..report import ReportWriter, Summary
+from .options import OUTPUT_FORMATS, DatasetOptions
+from .resize import RESIZE_MODES, parse_size
+from .run import default_parallel, run_shards, shared_palette
+from .shard import output_path
+from .sources import Shard, find_shards, folder_shard
+
+__all__ = ["add_dataset_arguments", "run_datasets"]
+
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the dataset flags (--output-format, --image-column, --resize, --resize-mode)."""
+    group = parser.add_argument_group(
+        "datasets",
+        "INPUT may also be WebDataset/img2dataset .tar shards, a folder of them, a brace pattern such as "
+        "'shards/{00000..00099}.tar' (quote it), or Parquet files (needs pyarrow: the 'datasets' extra)",
+    )
+    group.add_argument(
+        "--output-format",
+        choices=OUTPUT_FORMATS,
+        default=None,
+        help="files, webdataset (OUT/<shard>.tar), parquet (OUT/<name>.parquet) or tokens (OUT/indices.npy, "
+        "needs --palette); default: follows each input (shards give shards, Parquet gives Parquet)",
+    )
+    group.add_argument(
+        "--image-column",
+        default=None,
+        metavar="NAME",
+        help="Parquet image column (default: image, jpg, png, webp or bytes)",
+    )
+    group.add_argument(
+        "--resize", type=_size, default=None, metavar="WxH", help="resize before quantizing (antialiased)"
+    )
+    group.add_argument(
+        "--resize-mode",
+        choices=RESIZE_MODES,
+        default="fit",
+        help="fit: inside WxH, aspect kept; fill: cover WxH and crop the centre; stretch: exactly WxH",
+    )
+
+
+def _collect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[Shard], list[str]]:
+    """Shards named on the command line (plus image folders when a container output is asked for)."""
+    try:
+        shards, rest = find_shards(args.inputs)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.output_format in (None, "files"):
+        if rest and args.resize is not None:  # the image pipeline has no resize step yet
+            parser.error("--resize needs dataset inputs or --output-format webdataset, parquet or tokens for now")
+        return shards, rest
+    for text in rest:
+        path = Path(text)
+        if not path.is_dir():
+            parser.error(f"--output-format {args.output_format} takes shards, Parquet files or folders, not {text}")
+        shards.append(folder_shard(path, IMAGE_EXTENSIONS))
+    return shards, []
+
+
+def _palette(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, shards: list[Shard], base: DatasetOptions
+) -> Palette | None:
+    """The fixed palette: ``--palette FILE`` loaded, ``shared`` fitted on every shard (or reused from OUT)."""
+    if args.palette is None:
+        return None
+    try:
+        if args.palette == "shared":
+            return shared_palette(shards, base)
+        path = Path(args.palette)
+        return Palette.load(path, space=None if path.suffix.lower() == ".json" else args.space)
+    except (OSError, ValueError, KeyError) as exc:
+        parser.error(f"cannot read palette {args.palette}: {exc}")
+
+
+def _options(args: argparse.Namespace, parser: argparse.ArgumentParser, shards: list[Shard]) -> DatasetOptions:
+    """Typed options from the flags; fits the shared palette when asked for (it needs every shard)."""
+    if args.quality:
+        parser.error("--quality is not supported with dataset inputs yet")
+    out = args.out
+    if out is None:  # beside the shards' folder, never into it
+        base = shards[0].path if shards[0].kind == "files" else shards[0].path.parent
+        out = base.parent / f"{base.resolve().name}_k{args.k}"
+    cuda = torch.cuda.is_available()
+    try:
+        common = DatasetOptions(
+            out=out,
+            fit=FitOptions(k=args.k, space=args.space, seed=args.seed, n_init=args.n_init, max_iter=args.max_iter),
+            image_format=args.format,
+            compress_level=args.compress_level,
+            dither=args.dither,
+            device=args.device if args.device != "auto" else ("cuda" if cuda else "cpu"),
+            batch_size=args.batch_size or (16 if cuda else 4),
+            workers=min(args.workers, 4),
+            max_pixels=args.max_pixels,
+            resize=args.resize,
+            resize_mode=args.resize_mode,
+            image_column=args.image_column,
+            overwrite=args.overwrite,
+        )
+        palette = _palette(args, parser, shards, common)
+        options = dataclasses.replace(
+            common,
+            output_format=args.output_format,
+            palette=None if palette is None else palette.colors,
+            palette_space=args.space if palette is None else palette.space,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    for shard in shards:
+        if output_path(shard, options).resolve() == shard.path.resolve():
+            parser.error(f"the output of {shard.path} would overwrite it; choose another -o")
+    return options
+
+
+def _report_path(args: argparse.Namespace, options: DatasetOptions, mixed: bool) -> Path:
+    """``--report``, else OUT/gpu_kquant_report.jsonl; a run that also has image files gets its own name."""
+    index, count = args.shard
+    tag = ("" if count == 1 else f".shard-{index}-of-{count}") + (".datasets" if mixed else "")
+    if args.report is not None:
+        return args.report.with_name(args.report.stem + tag + args.report.suffix) if mixed else args.report
+    return options.out / f"gpu_kquant_report{tag}.jsonl"
+
+
+def run_datasets(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[int | None, list[str]]:
+    """Process the dataset inputs of a parsed command line.
+
+    Returns the exit code (None when there was no dataset input) and the inputs left
+    for the image pipeline.
+    """
+    shards, rest = _collect(args, parser)
+    if not shards:
+        return None, rest
+    options = _options(args, parser, shards)
+    index, count = args.shard
+    mine = [s for s in shards if count == 1 or shard_of(s.name, count) == index]
+    remove_stale_temps([options.out])
+    summary = Summary()
+    report = ReportWriter(_report_path(args, options, bool(rest)), summary)
+    parallel = default_parallel(options.device)
+    threads = torch.get_num_threads()
+    if options.device == "cpu" and parallel > 1:
+        torch.set_num_threads(1)  # one torch thread per shard thread: no barrier stalls (see pipeline.Pipeline)
+    stop = threading.Event()
+    start = time.perf_counter()
+    bar = tqdm(unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
+
+    def emit(row: object) -> None:
+        report.write(row)  # type: ignore[arg-type]
+        bar.update(1)
+
+    try:
+        if args.engine == "ray":
+            from .ray_engine import run_shards_ray  # optional dependency, imported only when asked for
+
+            gpus = args.device != "cpu"  # the driver may have no GPU while the workers do
+            run_shards_ray(mine, options, emit, address=args.ray_address, assemble_tokens=count == 1, gpus=gpus)
+        else:
+            run_shards(mine, options, emit, parallel=parallel, assemble_tokens=count == 1, stop=stop)
+    except KeyboardInterrupt:
+        stop.set()
+        summary.interrupted = True
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+        report.close()
+        summary.seconds = time.perf_counter() - start
+    for line in summary.lines():
+        print(line, file=sys.stderr)
+    print(f"  report: {report.path}", file=sys.stderr)
+    if summary.interrupted:
+        return EXIT_INTERRUPTED, rest
+    return (EXIT_FAILED if summary.failed else EXIT_OK), rest

@@ -1,0 +1,71 @@
+"""The typed options of a dataset run, passed whole to :func:`process_shard`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..options import FitOptions
+from .resize import RESIZE_MODES
+from .sources import Shard
+
+__all__ = ["DEFAULT_OUTPUT", "OUTPUT_FORMATS", "DatasetOptions"]
+
+OUTPUT_FORMATS = ("files", "webdataset", "parquet", "tokens")
+# The output format that follows each input kind when --output-format is not given.
+DEFAULT_OUTPUT = {"tar": "webdataset", "parquet": "parquet", "files": "files"}
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    """How shards are turned into output shards.
+
+    Attributes:
+        out: output folder.
+        output_format: one of :data:`OUTPUT_FORMATS`, or None to follow each input's kind.
+        fit: how per-image palettes are fitted (ignored when ``palette`` is set).
+        image_format: encoding of each output image (``--format``: png, gif, webp, npz).
+        compress_level: zlib level for PNG (None: the encoder's measured default).
+        dither: none, ordered or fs.
+        palette: (k, 3|4) uint8 fixed palette every image maps to (``--palette``); tokens need it.
+        palette_space: colour space the fixed palette maps in.
+        device: torch device string.
+        batch_size: images per batched quantization.
+        workers: decode/encode threads inside one shard.
+        max_pixels: larger images are failed rows.
+        resize: (width, height) box, or None.
+        resize_mode: fit, fill or stretch.
+        image_column: Parquet image column (None: detect).
+        overwrite: redo shards whose output exists.
+    """
+
+    out: Path
+    output_format: str | None = None
+    fit: FitOptions = field(default_factory=FitOptions)
+    image_format: str = "png"
+    compress_level: int | None = None
+    dither: str = "none"
+    palette: np.ndarray | None = field(default=None, compare=False, repr=False)
+    palette_space: str = "rgb"
+    device: str = "cpu"
+    batch_size: int = 4
+    workers: int = 1
+    max_pixels: int | None = None
+    resize: tuple[int, int] | None = None
+    resize_mode: str = "fit"
+    image_column: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.output_format!r}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
+        if self.output_format == "tokens" and self.palette is None:
+            raise ValueError("--output-format tokens needs one palette for all images: --palette shared or FILE")
+
+    def format_for(self, shard: Shard) -> str:
+        """The output format of ``shard``."""
+        return self.output_format or DEFAULT_OUTPUT[shard.kind]

@@ -1,0 +1,127 @@
+"""WebDataset/img2dataset shards end to end through the command line: shard in, shard out."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from common_utils import ROOT, cli
+from dataset_utils import caption, colours, decode, meta, psnr, read_tar, truncate, write_shard
+
+
+def _report(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "gpu_kquant_report.jsonl").read_text().splitlines()]
+
+
+def test_shards_in_shards_out(tmp_path: Path) -> None:
+    src = tmp_path / "shards"
+    keys0 = write_shard(src / "00000.tar", 0, 4, corrupt={2})
+    keys1 = write_shard(src / "00001.tar", 4, 3)
+    write_shard(src / "00002.tar", 7, 3)
+    truncate(src / "00002.tar")
+    out = tmp_path / "out"
+    result = cli(f"{src}/{{00000..00002}}.tar", "-k", 8, "-o", out, "--quiet", "--seed", 3)
+    assert result.returncode == 1, result.stderr  # the corrupt sample and the truncated shard failed
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar"]  # nothing for the cut shard
+    for name, keys in (("00000.tar", keys0), ("00001.tar", keys1)):
+        members = read_tar(out / name)
+        expected = [k for k in keys if k != "000000002"]
+        assert [m[:-4] for m in members if m.endswith(".png")] == expected  # every good key, in input order
+        for key in expected:
+            i = int(key)
+            assert members[f"{key}.txt"] == caption(i)  # pass-through byte for byte
+            assert members[f"{key}.json"] == meta(i)
+            assert colours(members[f"{key}.png"]) <= 8
+            info = json.loads(members[f"{key}.kquant.json"])
+            assert info["source"] == f"{key}.jpg" and (info["width"], info["height"]) == (40, 32)
+            assert len(info["palette"]) <= 8
+        assert "000000002.png" not in members and "000000002.txt" not in members
+    rows = _report(out)
+    failed = {
+        r["input"].rsplit("#", 1)[-1] if "#" in r["input"] else r["input"]: r["reason"]
+        for r in rows
+        if r["status"] == "failed"
+    }
+    assert set(failed) == {"000000002", str(src / "00002.tar")}
+    assert "truncated" in failed[str(src / "00002.tar")]
+    assert sum(r["status"] == "ok" for r in rows) == 6
+
+
+def test_reported_psnr_matches_an_independent_measure(tmp_path: Path) -> None:
+    """The PSNR in <key>.kquant.json, recomputed in float64 from the input JPEG and the output PNG."""
+    write_shard(tmp_path / "a.tar", 0, 3)
+    result = cli(tmp_path / "a.tar", "-k", 16, "-o", tmp_path / "out", "--quiet")
+    assert result.returncode == 0, result.stderr
+    src, members = read_tar(tmp_path / "a.tar"), read_tar(tmp_path / "out" / "a.tar")
+    for key in ("000000000", "000000001", "000000002"):
+        reported = json.loads(members[f"{key}.kquant.json"])["psnr"]
+        assert reported == pytest.approx(psnr(decode(src[f"{key}.jpg"]), decode(members[f"{key}.png"])), abs=0.01)
+
+
+def test_parquet_output_from_shards_and_resize(tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    write_shard(tmp_path / "a.tar", 0, 3, size=(60, 30))
+    out = tmp_path / "out"
+    args = ("--output-format", "parquet", "--resize", "20x20", "--resize-mode", "fit", "--quiet")
+    result = cli(tmp_path / "a.tar", "-k", 4, "-o", out, *args)
+    assert result.returncode == 0, result.stderr
+    table = pq.read_table(out / "a.parquet").to_pylist()
+    assert [r["key"] for r in table] == ["000000000", "000000001", "000000002"]
+    for i, row in enumerate(table):
+        assert (row["width"], row["height"]) == (20, 10)  # 60x30 fitted into 20x20
+        assert row["txt"] == caption(i) and row["json"] == meta(i)
+        assert colours(row["image"]) <= 4 and len(row["palette"]) == 3 * row["colors"]
+
+
+def test_kill_9_then_resume_gives_identical_bytes(tmp_path: Path) -> None:
+    src = tmp_path / "shards"
+    for s in range(6):
+        write_shard(src / f"{s:05d}.tar", 4 * s, 4)
+    clean = tmp_path / "clean"
+    assert cli(src, "-k", 8, "-o", clean, "--quiet", "--batch-size", 1).returncode == 0
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "gpu_kquant", str(src), "-k", "8", "-o", str(out), "--quiet", "--batch-size", "1"]
+    proc = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*.tar")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = sorted(p.name for p in out.glob("*.tar"))
+    assert 1 <= len(done) < 6, "the run should have been killed midway"
+    rerun = cli(src, "-k", 8, "-o", out, "--quiet", "--batch-size", 1)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(done)} skipped" in rerun.stderr
+    names = sorted(p.name for p in clean.glob("*.tar"))
+    assert names == sorted(p.name for p in out.glob("*.tar")) and len(names) == 6
+    for name in names:
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
+
+
+def test_output_folder_must_not_overwrite_the_input(tmp_path: Path) -> None:
+    write_shard(tmp_path / "a.tar", 0, 1)
+    before = (tmp_path / "a.tar").read_bytes()
+    result = cli(tmp_path / "a.tar", "-o", tmp_path, "--quiet")
+    assert result.returncode == 2 and "overwrite" in result.stderr
+    assert (tmp_path / "a.tar").read_bytes() == before
+
+
+def test_files_output_from_a_shard_resumes_per_file(tmp_path: Path) -> None:
+    from gpu_kquant.datasets import DatasetOptions, find_shards, process_shard
+    from gpu_kquant.options import FitOptions
+
+    write_shard(tmp_path / "a.tar", 0, 3, corrupt={0})
+    (shard,), _ = find_shards([str(tmp_path / "a.tar")])
+    options = DatasetOptions(out=tmp_path / "out", output_format="files", fit=FitOptions(k=5))
+    rows = process_shard(shard, options)
+    assert [r.status for r in rows] == ["failed", "ok", "ok"]
+    files = sorted(p.name for p in (tmp_path / "out" / "a").iterdir())
+    assert files == ["000000001.png", "000000002.png"]
+    assert all(colours((tmp_path / "out" / "a" / f).read_bytes()) <= 5 for f in files)
+    assert [r.status for r in process_shard(shard, options)] == ["failed", "skipped", "skipped"]

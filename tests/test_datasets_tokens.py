@@ -1,0 +1,82 @@
+"""``--output-format tokens``: one (N, H, W) index array, its palette and keys, for training loaders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from common_utils import cli
+from dataset_utils import decode, read_tar, write_shard
+
+from gpu_kquant.datasets.resize import resize
+
+
+def test_tokens_layout(tmp_path: Path) -> None:
+    src = tmp_path / "shards"
+    keys = write_shard(src / "00000.tar", 0, 3, corrupt={1}) + write_shard(src / "00001.tar", 3, 2, size=(50, 20))
+    out = tmp_path / "out"
+    args = ("--output-format", "tokens", "--palette", "shared", "--resize", "16x12", "--resize-mode", "fill")
+    result = cli(src, "-k", 12, "-o", out, "--quiet", *args)
+    assert result.returncode == 1, result.stderr  # the corrupt sample
+    indices = np.load(out / "indices.npy", mmap_mode="r")
+    assert isinstance(indices, np.memmap) and indices.shape == (4, 12, 16) and indices.dtype == np.uint8
+    good = [k for k in keys if k != "000000001"]
+    assert (out / "keys.txt").read_text().splitlines() == good  # input order, failed sample left out
+    palette = np.load(out / "palette.npy")
+    saved = np.asarray(json.loads((out / "palette.json").read_text())["colors"], np.uint8)
+    assert palette.dtype == np.uint8 and palette.shape == (12, 3) and np.array_equal(palette, saved)
+    assert int(indices.max()) < len(palette)
+    # Reference: every index is the nearest palette colour (float64 brute force) to the resized input.
+    members = {**read_tar(src / "00000.tar"), **read_tar(src / "00001.tar")}
+    for row, key in enumerate(good):
+        pixels = resize(decode(members[f"{key}.jpg"]), (16, 12), "fill").reshape(-1, 1, 3).astype(np.float64)
+        dist = ((pixels - palette[None].astype(np.float64)) ** 2).sum(-1)
+        chosen = dist[np.arange(len(dist)), indices[row].reshape(-1)]
+        assert np.allclose(chosen, dist.min(1), atol=1e-6)
+    assert not (out / ".gpu_kquant-tokens").exists()  # parts removed once assembled
+
+
+def test_tokens_need_a_fixed_palette(tmp_path: Path) -> None:
+    write_shard(tmp_path / "a.tar", 0, 1)
+    result = cli(tmp_path / "a.tar", "-o", tmp_path / "out", "--output-format", "tokens", "--quiet")
+    assert result.returncode == 2 and "--palette" in result.stderr
+
+
+def test_tokens_from_a_folder_of_images_with_sizes_that_differ(tmp_path: Path) -> None:
+    from common_utils import photo
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(photo("astronaut")[:20, :30]).save(folder / "a.png")
+    Image.fromarray(photo("astronaut")[:30, :20]).save(folder / "b.png")
+    np.save(tmp_path / "pal.npy", np.array([[0, 0, 0], [255, 255, 255], [128, 64, 32]], np.uint8))
+    result = cli(
+        folder, "-o", tmp_path / "out", "--output-format", "tokens", "--palette", tmp_path / "pal.npy", "--quiet"
+    )
+    assert result.returncode == 1, result.stderr  # b.png has another size and is a failed row
+    assert "differs" in (tmp_path / "out" / "gpu_kquant_report.jsonl").read_text()
+    assert np.load(tmp_path / "out" / "indices.npy", mmap_mode="r").shape == (1, 20, 30)
+    assert (tmp_path / "out" / "keys.txt").read_text() == "a\n"
+
+
+def test_a_repaired_shard_joins_the_assembled_tokens(tmp_path: Path) -> None:
+    """Rerun after replacing a truncated shard: old rows are kept, the new shard's rows are added in order."""
+    from dataset_utils import truncate
+
+    src = tmp_path / "shards"
+    write_shard(src / "00000.tar", 0, 2)
+    write_shard(src / "00001.tar", 2, 2)
+    truncate(src / "00001.tar")
+    out = tmp_path / "out"
+    args = (src, "-k", 4, "-o", out, "--output-format", "tokens", "--palette", "shared", "--resize", "8x8", "--quiet")
+    assert cli(*args, "--resize-mode", "fill").returncode == 1
+    first = np.load(out / "indices.npy")
+    assert first.shape == (2, 8, 8)
+    write_shard(src / "00001.tar", 2, 2)  # repaired
+    result = cli(*args, "--resize-mode", "fill")
+    assert result.returncode == 0, result.stderr
+    indices = np.load(out / "indices.npy", mmap_mode="r")
+    assert indices.shape == (4, 8, 8) and np.array_equal(indices[:2], first)
+    assert (out / "keys.txt").read_text().split() == [f"{i:09d}" for i in range(4)]
