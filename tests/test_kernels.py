@@ -7,12 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from common_utils import photo
 
 from gpu_kquant import kmeans
 from gpu_kquant.kernels import ENV_VAR, available_backends, backend, cpu, reference
 from gpu_kquant.reduce import FixedPointSums
-
-from common_utils import photo
 
 needs_c = pytest.mark.skipif(not cpu.AVAILABLE, reason="the C kernels were not built")
 CPU = torch.device("cpu")
