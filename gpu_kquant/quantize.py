@@ -24,7 +24,8 @@ from PIL import Image
 from .colors import ColorSet, bin_colors, color_set, lookup, pack
 from .device import resolve_device
 from .dither import DITHERS, bayer_offsets, floyd_steinberg, palette_spacing
-from .kmeans import assign, assign_with_bounds, best_restarts, kmeans, nearest_two
+from .kmeans import best_restarts, kmeans
+from .nearest import assign, assign_with_bounds, nearest_two
 from .spaces import SPACES, ColorSpace
 
 __all__ = ["DITHERS", "SPACES", "Quantized", "fit_palette", "map_to_palette", "quantize", "quantize_batch", "to_tensor"]
