@@ -657,7 +657,7 @@ def map_to_palette(
     pal = pal.to(dev)
     # An RGB palette gains one fully transparent entry, last, for images with alpha (and only for them).
     clear = pal
-    if pal.shape[1] == 3:
+    if pal.shape[1] == 3 and pal.shape[0] < 1 << 16:  # 65536 entries already fill uint16 indices
         clear = torch.cat([torch.cat([pal, pal.new_full((len(pal), 1), 255)], 1), pal.new_zeros(1, 4)])
     out = []
     for img in images:
