@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import __version__
 from .device import resolve_device
 from .io import FORMATS
-from .palette import Palette
+from .palette import Palette, PaletteFileError
 from .pipeline import Config, JobError, execute, prepare
 from .quantize import DITHERS, SPACES
 from .report import RunLock, check_report_path
@@ -233,6 +233,8 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config
     if args.palette not in (None, "shared"):
         try:
             size = len(Palette.load(args.palette))
+        except PaletteFileError as exc:  # its message names the file and the cause
+            parser.error(f"--palette {exc}")
         except (OSError, ValueError, KeyError, RecursionError, MemoryError) as exc:
             parser.error(f"cannot read palette {args.palette}: {exc}")
         if size > top:
