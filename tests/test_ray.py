@@ -370,13 +370,17 @@ def test_waits_on_ray_are_bounded() -> None:
 
 
 def hanging(seconds: float) -> type[Quantizer]:
-    """A quantize actor that hangs (for ``seconds``) on every image, like a worker stuck in a driver call."""
+    """A quantize actor that hangs once (for ``seconds``), like a worker stuck in a driver call."""
 
     class Hanging(Quantizer):
+        slept = False
+
         def encode(self, item: Item, result: Quantized | Exception) -> Row:
             import time
 
-            time.sleep(seconds)
+            if not Hanging.slept:
+                Hanging.slept = True
+                time.sleep(seconds)
             return super().encode(item, result)
 
     return Hanging
@@ -392,7 +396,7 @@ def test_a_stalled_job_ends_with_failed_rows_instead_of_hanging(
     monkeypatch.setattr(gray, "STALL_SECONDS", 45.0)
     small = make_tree(tmp_path / "small", n=4, bad=False)
     t0 = time.monotonic()
-    summary = ray_run(Config(inputs=[small], k=8, out=tmp_path / "out"), workers=1, quantizer=hanging(90))
+    summary = ray_run(Config(inputs=[small], k=8, out=tmp_path / "out"), workers=1, quantizer=hanging(75))
     assert time.monotonic() - t0 < 300
     assert summary.counts == {"failed": 4}
     reasons = {r["reason"] for r in rows(tmp_path / "out", small).values()}
