@@ -235,7 +235,6 @@ class RunLock:
         """Take the lock, or raise :class:`ReportError` at once when another process holds it."""
         if fcntl is None or self._key:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         key = os.path.realpath(self.path)
         with _HELD_GUARD:
             held = _HELD.get(key)
@@ -243,7 +242,11 @@ class RunLock:
                 held[1] += 1
                 self._key = key
                 return self
-            f = open(self.path, "a+")  # noqa: SIM115 - kept open while the lock is held
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                f = open(self.path, "a+")  # noqa: SIM115 - kept open while the lock is held
+            except OSError as exc:  # a read-only or missing output location is a usage error
+                raise ReportError(f"cannot write in {self.path.parent}: {exc.strerror or exc}") from None
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

@@ -137,3 +137,26 @@ def test_report_path_that_would_destroy_something_is_refused(tmp_path: Path) -> 
     write_run(empty, Row("a.png", None, "ok"))
     check_report_path(empty)
     check_report_path(tmp_path / "new.jsonl")
+
+
+def test_an_unusable_output_location_is_a_report_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ReportError, match="cannot write in"):
+        RunLock(tmp_path / "file" / "report.jsonl").acquire()
+    with pytest.raises(ReportError, match="cannot use the report"):
+        ReportWriter(tmp_path / "file" / "report.jsonl", Summary())
+
+
+def test_a_read_only_output_folder_is_a_report_error(tmp_path: Path) -> None:
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        if os.access(out, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        with pytest.raises(ReportError, match="cannot write in"):
+            ReportWriter(out / "report.jsonl", Summary())
+    finally:
+        out.chmod(0o755)
