@@ -222,8 +222,9 @@ class RunLock:
 
     The default report lives in the output folder, so two runs into one folder exclude
     each other while ``--shard`` runs (one report each) do not. Re-entrant within a
-    process (the CLI takes it before planning, the report writer again); the lock file
-    is left in place, since deleting a locked file races with the next run. Without
+    process (the CLI takes it before planning, the report writer again). The lock file
+    is removed on release (a run killed with -9 leaves it, unlocked and harmless); a
+    newcomer checks that the file it locked is still the one at the path. Without
     ``fcntl`` (Windows) it does nothing.
     """
 
@@ -257,6 +258,9 @@ class RunLock:
                     f"another gpu_kquant run is writing {self.path.parent} ({owner or 'lock held'}); "
                     "wait for it to finish or choose another -o/--report"
                 ) from None
+            if not _same_file(f, self.path):  # the previous holder unlinked it meanwhile
+                f.close()
+                raise ReportError(f"another gpu_kquant run is writing {self.path.parent}; try again")
             f.truncate(0)
             f.write(f"pid {os.getpid()}\n")
             f.flush()
@@ -274,7 +278,7 @@ class RunLock:
             if held[1] == 0:
                 del _HELD[self._key]
                 with contextlib.suppress(OSError):
-                    held[0].truncate(0)
+                    os.unlink(self.path)  # while still locked: a newcomer checks it locked the live file
                 held[0].close()  # closing the file releases the flock
         self._key = ""
 
@@ -283,6 +287,13 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _same_file(f: IO[str], path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+    except OSError:
+        return False
 
 
 class ReportWriter:

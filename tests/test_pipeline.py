@@ -75,7 +75,7 @@ def tree(tmp_path: Path) -> Path:
 
 EXPECTED_FAILED = {
     "truncated.png": "truncated or corrupt",
-    "corrupt.jpg": "not a recognised image format",
+    "corrupt.jpg": "corrupt or damaged JPEG file",  # a JPEG signature, then garbage
     "empty.jpg": "empty file",
     "broken_link.png": "cannot read file",
 }

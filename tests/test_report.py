@@ -111,6 +111,7 @@ def test_a_second_concurrent_run_is_refused(tmp_path: Path) -> None:
         writer.close()
     assert lines(report)[0]["input"] == "a.png"
     ReportWriter(report, Summary()).close()  # the writer released the lock it took
+    assert not RunLock(report).path.exists()  # and the last holder removed the lock file
 
 
 def test_report_path_that_would_destroy_something_is_refused(tmp_path: Path) -> None:
