@@ -20,9 +20,10 @@ from . import __version__
 from .datasets.cli import add_dataset_arguments, run_datasets
 from .device import resolve_device
 from .io import FORMATS
-from .palette import Palette
+from .palette import Palette, PaletteFileError
 from .pipeline import Config, JobError, execute, prepare
 from .quantize import DITHERS, SPACES
+from .report import RunLock, check_report_path
 
 __all__ = ["build_parser", "main"]
 
@@ -35,9 +36,22 @@ def _shard(text: str) -> tuple[int, int]:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected I/N such as 0/4, got {text!r}") from None
-    if count < 1 or not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"shard index must be in 0..N-1 and N >= 1, got {text!r}")
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"the shard count N must be at least 1, got {text!r}")
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"the shard index I must be in 0..{count - 1} (0-based), got {text!r}")
     return index, count
+
+
+def _glue_negative_values(argv: list[str]) -> list[str]:
+    """``--shard -1/2`` as ``--shard=-1/2``: argparse takes a value starting with '-' for a flag."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--shard" and arg[:1] == "-" and arg[1:2].isdigit():
+            out[-1] = f"--shard={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def _positive(text: str) -> int:
@@ -87,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image files and/or folders (walked recursively)")
     parser.add_argument(
-        "-k", "--colors", dest="k", type=int, default=16, help="palette size: 2..256, up to 65536 for npz"
+        "-k",
+        "--colors",
+        dest="k",
+        type=int,
+        default=None,
+        help="palette size: 2..256, up to 65536 for npz (default: 16; with --palette FILE, the file's size)",
     )
     parser.add_argument(
         "-o", "--out", type=Path, default=None, help="output folder (default: DIR_k<k> beside each input folder)"
@@ -196,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
     inputs = [Path(p) for p in args.inputs]
+    if args.demo and inputs:
+        parser.error("--demo quantizes the bundled samples; give no INPUT with it")
+    if args.quality is not None and args.palette is not None:
+        parser.error("--quality picks k per image and --palette fixes the colours; use one of them")
+    k_given = args.k is not None
+    args.k = 16 if args.k is None else args.k
     if args.demo:
         inputs = [Path(str(resources.files("gpu_kquant") / "samples"))]
         args.out = args.out or DEMO_OUT
@@ -210,10 +235,15 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config
     if args.palette not in (None, "shared"):
         try:
             size = len(Palette.load(args.palette))
-        except (OSError, ValueError, KeyError) as exc:
+        except PaletteFileError as exc:  # its message names the file and the cause
+            parser.error(f"--palette {exc}")
+        except (OSError, ValueError, KeyError, RecursionError, MemoryError) as exc:
             parser.error(f"cannot read palette {args.palette}: {exc}")
         if size > top:
             parser.error(f"palette {args.palette} has {size} colours; --format {args.format} holds at most {top}")
+        if k_given and args.k != size:
+            warning = f"-k {args.k} is ignored: palette {args.palette} has {size} colours"
+            print(f"gpu-kquant: warning: {warning}", file=sys.stderr)
     device = args.device
     if args.engine == "local":  # a Ray driver may have no GPU while its workers do
         try:
@@ -249,12 +279,15 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
     # The pipeline enforces --max-pixels itself with a clear per-file reason.
     Image.MAX_IMAGE_PIXELS = max(args.max_pixels, Image.MAX_IMAGE_PIXELS or 0)
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    k_given = args.k is not None
+    args.k = 16 if args.k is None else args.k
     datasets_code, args.inputs = run_datasets(args, parser)  # shards and Parquet; returns the other inputs
     if datasets_code is None or args.inputs:
+        args.k = args.k if k_given else None
         return max(datasets_code or EXIT_OK, _main_images(args, parser))
     return datasets_code
 
@@ -262,9 +295,12 @@ def main(argv: list[str] | None = None) -> int:
 def _main_images(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """The image-file pipeline over ``args.inputs``."""
     config = _config(args, parser)
+    run_lock: RunLock | None = None
     try:
         try:
             job = prepare(config)
+            check_report_path(job.report, [t.src for t in job.tasks if t.src.name == job.report.name])
+            run_lock = RunLock(job.report).acquire()  # held to the end; refuses a concurrent run (exit 2)
         except ValueError as exc:
             parser.error(str(exc))
         with tqdm(total=len(job.tasks), unit="img", disable=config.quiet, file=sys.stderr, dynamic_ncols=True) as bar:
@@ -290,6 +326,9 @@ def _main_images(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     except JobError as exc:
         print(f"gpu-kquant: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        if run_lock is not None:
+            run_lock.release()
     for line in summary.lines():
         print(line, file=sys.stderr)
     print(f"  report: {job.report}", file=sys.stderr)

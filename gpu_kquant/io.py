@@ -11,7 +11,6 @@ import io
 import os
 import struct
 import tempfile
-import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ __all__ = [
     "Decoded",
     "default_compress_level",
     "encode",
+    "estimated_decoded_bytes",
     "load_image",
     "write_atomic",
 ]
@@ -110,16 +110,138 @@ def _to_srgb(img: Image.Image, notes: list[str]) -> Image.Image:
         return img
 
 
-def _high_depth_to_uint8(img: Image.Image, notes: list[str]) -> np.ndarray:
-    """16-bit and 32-bit greyscale modes scaled (not clipped) to 8 bits."""
+def _high_depth_to_uint8(img: Image.Image, notes: list[str], source: Image.Image) -> np.ndarray:
+    """16-bit and 32-bit greyscale modes scaled (not clipped) to 8 bits, from their nominal range.
+
+    Pillow decodes 32-bit integer TIFFs as mode ``I`` (int32), unsigned ones wrapped
+    around, and 16-bit PGMs (any maxval, rescaled to 16 bits) as ``I`` too; the TIFF's
+    BitsPerSample and SampleFormat tags (of ``source``, the file as opened) tell them apart.
+    """
     arr = np.asarray(img)
     if img.mode == "F":
         notes.append("32-bit float greyscale clipped to 0..255")
         gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    elif img.mode == "I" and _is_32_bit(source, arr):
+        if _tiff_tag(source, 339, 1) == 2:  # SampleFormat 2: signed, so -2**31 is black
+            notes.append("32-bit signed integer greyscale scaled to 8-bit")
+            wide = arr.astype(np.int64) + (1 << 31)
+        else:  # unsigned (the TIFF default): undo Pillow's int32 wrap-around
+            notes.append("32-bit integer greyscale scaled to 8-bit")
+            wide = arr.astype(np.int32).view(np.uint32).astype(np.int64)
+        gray = ((wide * 255 + (1 << 31)) // ((1 << 32) - 1)).astype(np.uint8)
     else:
         notes.append("16-bit reduced to 8-bit")
         gray = np.clip((arr.astype(np.int64) * 255 + 32767) // 65535, 0, 255).astype(np.uint8)
     return np.repeat(gray[..., None], 3, axis=2)
+
+
+def _tiff_tag(img: Image.Image, tag: int, default: int) -> int:
+    value = getattr(img, "tag_v2", {}).get(tag, default)
+    return int(value[0] if isinstance(value, tuple) else value)
+
+
+def _is_32_bit(img: Image.Image, arr: np.ndarray) -> bool:
+    """Mode I holding 32-bit samples: a 32-bit TIFF, or values outside 16 bits from any other format."""
+    if hasattr(img, "tag_v2"):
+        return _tiff_tag(img, 258, 32) == 32
+    return arr.size > 0 and (int(arr.min()) < 0 or int(arr.max()) > 65535)
+
+
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def _damaged_format(p: Path) -> str | None:
+    """For a file Pillow could not identify: a reason when its signature names a known format.
+
+    Pillow hides the format plugin's own error (a bad IHDR checksum, say) behind "cannot
+    identify image file"; asking that plugin again recovers it.
+    """
+    try:
+        with open(p, "rb") as f:
+            head = f.read(16)
+            fmt = next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
+            if fmt is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+                fmt = "WEBP"
+            if fmt is None:
+                return None
+            f.seek(0)
+            try:
+                Image.OPEN[fmt][0](f, str(p))  # the plugin's own open, which says what is wrong
+                cause = "header cannot be parsed"
+            except Exception as exc:
+                cause = " ".join(str(exc).split())[:200] or type(exc).__name__
+    except (OSError, KeyError):
+        return None
+    return f"corrupt or damaged {fmt} file: {cause}"
+
+
+def _orientation_note(img: Image.Image) -> str | None:
+    """What became of the EXIF orientation: applied (2..8), or ignored when it is invalid."""
+    try:
+        value = img.getexif().get(0x0112)
+    except Exception:  # a malformed EXIF block: exif_transpose could not use it either
+        return "EXIF data unreadable; orientation ignored"
+    if value in (None, 1):
+        return None
+    if isinstance(value, int) and 2 <= value <= 8:
+        return f"EXIF orientation {value} applied"
+    return f"EXIF orientation {value!r} is invalid (not 1..8); ignored"
+
+
+def _open(p: Path) -> Image.Image:
+    """Open ``p`` and read its header only (no pixels), or raise :class:`DecodeError`.
+
+    Pillow itself refuses sizes above ``2 * Image.MAX_IMAGE_PIXELS`` (its global, which
+    only the CLI changes); callers check their own per-call limit on ``img.size``.
+    """
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
+    if size == 0:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        return Image.open(p)
+    except UnidentifiedImageError:
+        raise DecodeError(_damaged_format(p) or "not a recognised image format") from None
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(f"too many pixels: {exc}") from None
+    except OSError as exc:
+        if exc.errno is not None:  # the file system's error, not the decoder's
+            raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
+        raise DecodeError(f"truncated or corrupt image data: {exc}") from None
+    except (SyntaxError, ValueError, EOFError) as exc:
+        raise DecodeError(f"truncated or corrupt image data: {exc}") from None
+
+
+# Bytes per pixel of Pillow's own storage by mode (2-band modes are stored as 4 bytes).
+_NATIVE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+
+
+def estimated_decoded_bytes(path: str | os.PathLike) -> int:
+    """Peak memory, in bytes, that :func:`load_image` will need for ``path``, from its header alone.
+
+    Nothing is decoded: ``width * height * (native + 4 + channels)``, that is Pillow's
+    decoded frame (1, 2 or 4 bytes a pixel by mode), its RGB(A) conversion (4) and the
+    returned array (3, or 4 with transparency). A decode prefetch can be bounded by the
+    sum of these instead of a count of files: a 79 KB PNG can hold 81 MP, about 1 GB
+    here.
+
+    Raises:
+        DecodeError: when the header cannot be read (the same reasons as :func:`load_image`).
+    """
+    with _open(Path(path)) as img:
+        w, h = img.size
+        native = _NATIVE_BYTES.get(img.mode, 4)
+        channels = 4 if img.mode in _TRANSPARENT_MODES or "transparency" in img.info else 3
+    return w * h * (native + 4 + channels)
 
 
 def load_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Decoded:
@@ -134,27 +256,8 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Dec
             pixels, truncated or corrupt data, unsupported mode).
     """
     p = Path(path)
-    try:
-        size = p.stat().st_size
-    except OSError as exc:
-        raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
-    if size == 0:
-        raise DecodeError("empty file (0 bytes)")
     notes: list[str] = []
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(p)
-    except UnidentifiedImageError:
-        raise DecodeError("not a recognised image format") from None
-    except Image.DecompressionBombError as exc:
-        raise DecodeError(f"too many pixels: {exc}") from None
-    except OSError as exc:
-        if exc.errno is not None:  # the file system's error, not the decoder's
-            raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
-        raise DecodeError(f"truncated or corrupt image data: {exc}") from None
-    except (SyntaxError, ValueError, EOFError) as exc:
-        raise DecodeError(f"truncated or corrupt image data: {exc}") from None
+    img = _open(p)  # the header only: the size is checked before any pixel is decoded
     with img:
         w, h = img.size
         if max_pixels is not None and w * h > max_pixels:
@@ -170,11 +273,12 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Dec
             oriented = ImageOps.exif_transpose(img)
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise DecodeError(f"truncated or corrupt image data: {exc}") from None
-        if oriented is not img and img.getexif().get(0x0112, 1) not in (1, None):
-            notes.append(f"EXIF orientation {img.getexif().get(0x0112)} applied")
+        note = _orientation_note(img)
+        if note is not None:
+            notes.append(note)
+        if oriented.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+            return Decoded(_high_depth_to_uint8(oriented, notes, img), notes)
         img = oriented
-        if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-            return Decoded(_high_depth_to_uint8(img, notes), notes)
         if img.mode == "CMYK" and not img.info.get("icc_profile"):
             notes.append("CMYK converted to RGB without a profile")
         img = _to_srgb(img, notes)

@@ -9,7 +9,10 @@ ones into a sorted sparse table merged as images arrive.
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +22,9 @@ from PIL import Image
 from .colors import ColorSet, color_set, pack, unpack
 from .device import resolve_device
 from .io import encode_png
-from .quantize import Quantized, fit_palette, map_to_palette, to_tensor
+from .quantize import SPACES, Quantized, fit_palette, map_to_palette, to_tensor
 
-__all__ = ["ColorHistogram", "Palette"]
+__all__ = ["ColorHistogram", "Palette", "PaletteFileError"]
 
 PALETTE_FORMAT = "gpu_kquant.palette"
 
@@ -178,46 +181,166 @@ class Palette:
 
     @classmethod
     def load(cls, path: str | Path, *, space: str | None = None) -> Palette:
-        """Read a palette from ``.json``, ``.npy``, ``.gpl`` or a palette image.
+        """Read a palette from ``.json``, ``.npy``, ``.gpl`` or a palette image, strictly.
 
         ``.npy`` may also be ImageGPT's ``kmeans_centers.npy`` (float centres in
         [-1, 1]), converted as ImageGPT does: ``rint(127.5 * (c + 1))``, order kept.
         ``space`` overrides the space stored in a ``.json`` file (default ``rgb``).
+
+        Only a regular file is read (a FIFO or a device would block or never end), and
+        every value is checked: integers 0..255 (no bool, float, NaN, complex, string or
+        structured values), 1..65536 colours of 3 or 4 channels.
+
+        Raises:
+            PaletteFileError: (a ValueError) with a one-line ``"PATH: cause"`` message.
         """
         path = Path(path)
+        data = _read_regular(path)
         suffix = path.suffix.lower()
         stored = "rgb"
         if suffix == ".json":
-            doc = json.loads(path.read_text())
-            colors = np.asarray(doc["colors"] if isinstance(doc, dict) else doc)
-            stored = doc.get("space", "rgb") if isinstance(doc, dict) else "rgb"
+            colors, stored = _parse_json(data, path)
         elif suffix == ".npy":
-            colors = np.load(path)
-            if colors.dtype.kind == "f":
-                if colors.ndim != 2 or colors.shape[1] != 3 or np.abs(colors).max() > 1.0 + 1e-6:
-                    raise ValueError(f"{path}: float centres must be (k, 3) in [-1, 1] (ImageGPT layout)")
-                colors = np.rint(127.5 * (colors + 1.0))
+            colors = _parse_npy(data, path)
         elif suffix == ".gpl":
-            rows = []
-            for line in path.read_text().splitlines():
-                parts = line.split()
-                if len(parts) >= 3 and all(p.lstrip("-").isdigit() for p in parts[:3]):
-                    rows.append([int(p) for p in parts[:3]])
-            colors = np.asarray(rows)
+            colors = _parse_gpl(data, path)
         else:
-            with Image.open(path) as img:
-                if img.mode not in ("P", "PA"):
-                    raise ValueError(f"{path}: image has no palette (mode {img.mode})")
-                colors = np.asarray(img.getpalette("RGB"), dtype=np.uint8).reshape(-1, 3)
-                transparency = img.info.get("transparency")
-                if isinstance(transparency, bytes):
-                    alpha = np.full(len(colors), 255, np.uint8)
-                    alpha[: len(transparency)] = np.frombuffer(transparency, np.uint8)[: len(colors)]
-                    colors = np.concatenate([colors, alpha[:, None]], 1)
-                elif isinstance(transparency, int):
-                    alpha = np.full(len(colors), 255, np.uint8)
-                    alpha[transparency] = 0
-                    colors = np.concatenate([colors, alpha[:, None]], 1)
-        if colors.size == 0 or colors.min() < 0 or colors.max() > 255:
-            raise ValueError(f"{path}: palette colours must be in 0..255")
+            colors = _parse_image(data, path)
+        if not 1 <= len(colors) <= MAX_COLORS:
+            raise PaletteFileError(f"{path}: a palette holds 1..{MAX_COLORS} colours, this file has {len(colors)}")
         return cls(colors.astype(np.uint8), space or stored)
+
+
+class PaletteFileError(ValueError):
+    """A palette file that cannot be used; the message is one line: ``PATH: cause``."""
+
+
+MAX_COLORS = 1 << 16
+"""Most colours a palette file may hold (the npz output's limit)."""
+
+MAX_FILE_BYTES = 64 << 20
+"""Largest palette file read: 65536 RGBA colours take 2 MB as float64 .npy, ~1.3 MB as JSON."""
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of a regular file; anything else (FIFO, device, folder) is refused before opening.
+
+    The file is opened non-blocking and checked again on the open descriptor, so a FIFO
+    swapped in after the first check cannot block the read either.
+    """
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise PaletteFileError(f"{path}: not a regular file")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise PaletteFileError(f"{path}: not a regular file")
+            if st.st_size > MAX_FILE_BYTES:
+                raise PaletteFileError(f"{path}: {st.st_size} bytes is too large for a palette file")
+            return f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise PaletteFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _int_rows(rows: list, path: Path, what: str) -> np.ndarray:
+    """(k, 3|4) int64 from a list of lists of Python ints in 0..255 (bool and float refused)."""
+    if not isinstance(rows, list) or not rows:
+        raise PaletteFileError(f"{path}: {what} must be a non-empty list of [r, g, b] or [r, g, b, a]")
+    width = len(rows[0]) if isinstance(rows[0], list) else 0
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) not in (3, 4) or len(row) != width:
+            raise PaletteFileError(f"{path}: colour {i} is not a list of {width or '3 or 4'} integers")
+        for value in row:
+            if type(value) is not int:  # bool is an int subclass: refused too
+                raise PaletteFileError(f"{path}: colour {i} has a non-integer value {value!r}")
+            if not 0 <= value <= 255:
+                raise PaletteFileError(f"{path}: colour {i} has a value {value} outside 0..255")
+    return np.asarray(rows, dtype=np.int64)
+
+
+def _parse_json(data: bytes, path: Path) -> tuple[np.ndarray, str]:
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise PaletteFileError(f"{path}: JSON nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise PaletteFileError(f"{path}: not valid JSON ({exc})") from None
+    if isinstance(doc, list):
+        return _int_rows(doc, path, "the JSON list"), "rgb"
+    if not isinstance(doc, dict) or "colors" not in doc:
+        raise PaletteFileError(f"{path}: expected a list of colours or an object with a 'colors' list")
+    if doc.get("format", PALETTE_FORMAT) != PALETTE_FORMAT:
+        raise PaletteFileError(f"{path}: format is {doc['format']!r}, expected {PALETTE_FORMAT!r}")
+    space = doc.get("space", "rgb")
+    if not isinstance(space, str) or space not in SPACES:
+        raise PaletteFileError(f"{path}: space must be one of {', '.join(SPACES)}, got {space!r}")
+    return _int_rows(doc["colors"], path, "'colors'"), space
+
+
+def _parse_npy(data: bytes, path: Path) -> np.ndarray:
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle a file's objects
+    except Exception as exc:  # numpy raises ValueError, OSError, EOFError or SyntaxError on bad headers
+        raise PaletteFileError(f"{path}: not a readable .npy array ({_one_line(exc)})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "uif":
+        kind = getattr(arr, "dtype", type(arr))
+        raise PaletteFileError(f"{path}: palette values must be integers (or ImageGPT float centres), not {kind}")
+    if arr.ndim != 2 or arr.shape[1] not in (3, 4) or arr.shape[0] == 0:
+        raise PaletteFileError(f"{path}: expected a (k, 3) or (k, 4) array, got shape {arr.shape}")
+    if arr.dtype.kind == "f":
+        if arr.shape[1] != 3 or not np.isfinite(arr).all() or np.abs(arr).max() > 1.0 + 1e-6:
+            raise PaletteFileError(f"{path}: float centres must be finite, (k, 3) and in [-1, 1] (ImageGPT layout)")
+        return np.clip(np.rint(127.5 * (arr.astype(np.float64) + 1.0)), 0, 255).astype(np.int64)
+    if arr.min() < 0 or arr.max() > 255:
+        raise PaletteFileError(f"{path}: palette values must be in 0..255, got {arr.min()}..{arr.max()}")
+    return arr.astype(np.int64)
+
+
+def _parse_gpl(data: bytes, path: Path) -> np.ndarray:
+    """GIMP palette: the ``GIMP Palette`` header, then ``R G B [name]`` lines (comments and headers allowed)."""
+    lines = data.decode("utf-8", errors="replace").lstrip("\ufeff").splitlines()
+    if not lines or lines[0].strip() != "GIMP Palette":
+        raise PaletteFileError(f"{path}: not a GIMP palette (the first line must be 'GIMP Palette')")
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        text = line.strip()
+        if not text or text.startswith("#") or text.split(":")[0] in ("Name", "Columns"):
+            continue
+        parts = text.split()
+        if len(parts) < 3 or not all(p.isascii() and p.isdigit() for p in parts[:3]):
+            raise PaletteFileError(f"{path}: line {number} is not 'R G B [name]' with integers: {text[:40]!r}")
+        values = [int(p) for p in parts[:3]]
+        if max(values) > 255:
+            raise PaletteFileError(f"{path}: line {number} has a value outside 0..255")
+        rows.append(values)
+    if not rows:
+        raise PaletteFileError(f"{path}: the GIMP palette has no colours")
+    return np.asarray(rows, dtype=np.int64)
+
+
+def _parse_image(data: bytes, path: Path) -> np.ndarray:
+    """The palette of a palette image (P or PA mode), with its tRNS alpha when present."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header and palette, no pixels
+            if img.mode not in ("P", "PA"):
+                raise PaletteFileError(f"{path}: image has no palette (mode {img.mode})")
+            colors = np.asarray(img.getpalette("RGB"), dtype=np.uint8).reshape(-1, 3)
+            transparency = img.info.get("transparency")
+    except PaletteFileError:
+        raise
+    except Exception as exc:  # UnidentifiedImageError, DecompressionBombError, corrupt chunks
+        raise PaletteFileError(f"{path}: not a readable palette image ({_one_line(exc)})") from None
+    alpha = np.full(len(colors), 255, np.uint8)
+    if isinstance(transparency, bytes):
+        alpha[: len(transparency)] = np.frombuffer(transparency, np.uint8)[: len(colors)]
+    elif isinstance(transparency, int) and 0 <= transparency < len(colors):
+        alpha[transparency] = 0
+    else:
+        return colors.astype(np.int64)
+    return np.concatenate([colors, alpha[:, None]], 1).astype(np.int64)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200] or type(exc).__name__

@@ -647,7 +647,8 @@ def map_to_palette(
     """Map every image to a fixed palette, no fitting; every result keeps it whole and in order.
 
     Args:
-        palette: a :class:`gpu_kquant.Palette` or a (k, 3) RGB / (k, 4) RGBA uint8 array.
+        palette: a :class:`gpu_kquant.Palette` or a (k, 3) RGB / (k, 4) RGBA uint8 array. An RGB
+            palette maps an image with transparency as (k + 1, 4) RGBA: one transparent entry is appended.
     """
     colors = getattr(palette, "colors", palette)
     pal = torch.as_tensor(np.asarray(colors))
@@ -657,11 +658,16 @@ def map_to_palette(
     dev = resolve_device(device)
     sp = ColorSpace(space)
     pal = pal.to(dev)
+    # An RGB palette gains one fully transparent entry, last, for images with alpha (and only for them).
+    clear = pal
+    if pal.shape[1] == 3 and pal.shape[0] < 1 << 16:  # 65536 entries already fill uint16 indices
+        clear = torch.cat([torch.cat([pal, pal.new_full((len(pal), 1), 255)], 1), pal.new_zeros(1, 4)])
     out = []
     for img in images:
         t = to_tensor(img).to(dev, non_blocking=True)
         kk = pack(t)
-        out.append(_finish(t, kk, color_set(kk, t.shape[2]), sp, pal, None, fixed=True, dither=dither))
+        p = clear if t.shape[2] == 4 else pal
+        out.append(_finish(t, kk, color_set(kk, t.shape[2]), sp, p, None, fixed=True, dither=dither))
     return out
 
 

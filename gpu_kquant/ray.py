@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import math
+import queue
 import signal
 import socket
 import threading
@@ -78,8 +79,10 @@ from .report import Row, Summary
 __all__ = [
     "DECODE_BATCH",
     "MAX_INPUT_BLOCKS",
+    "MAX_RESTARTS",
     "RESCUE_MIN",
     "RETRIES",
+    "STALL_SECONDS",
     "Quantizer",
     "Resources",
     "histogram_files",
@@ -100,7 +103,72 @@ RETRIES = 3
 RESCUE_MIN = 64
 """Lost inputs are retried one by one when at most this many (or 5% of the job) were lost."""
 
+MAX_RESTARTS = 16
+"""Restarts of one quantize actor at most. Unbounded (-1), an actor whose restart keeps failing
+(its constructor crashing, killed for memory while importing PyTorch) left Ray Data waiting for it
+forever: the 'always kills its worker' test hung for more than 7 minutes (issue 12, item 18)."""
+
+STALL_SECONDS = 900.0
+"""Longest wait for the next batch of rows from Ray. Every wait on Ray has a timeout: when none
+arrives for this long, the inputs still in flight get failed rows and the run ends, instead of
+hanging (and Ctrl-C or SIGTERM are handled within a second while waiting)."""
+
 _LOST = "lost: its Ray task failed {n} times (worker crash, out of memory or an error; see the Ray logs)"
+_STALLED = "lost: the Ray job made no progress for {s:g} s (workers stuck or failing to start; see the Ray logs)"
+
+
+class _Stalled(Exception):
+    """No batch arrived from Ray within STALL_SECONDS."""
+
+
+def _batches_within(iterable: Any, seconds: float) -> Iterator[Any]:
+    """The items of a Ray Data iterator, each waited for at most ``seconds`` (else :class:`_Stalled`).
+
+    Ray's iterators have no timeout, so a helper thread drives it and the caller waits on a
+    queue with one: a wait that never ends becomes an error, and the main thread stays in
+    Python, where Ctrl-C and SIGTERM are handled.
+    """
+    items: queue.Queue = queue.Queue(maxsize=2)
+    done = object()
+    stop = threading.Event()
+
+    def offer(entry: tuple[str, Any]) -> bool:
+        while not stop.is_set():  # never blocks for good once the caller has gone
+            with contextlib.suppress(queue.Full):
+                items.put(entry, timeout=0.5)
+                return True
+        return False
+
+    def pump() -> None:
+        try:
+            for item in iterable:
+                if not offer(("item", item)):
+                    break
+            else:
+                offer(("item", done))
+        except BaseException as exc:
+            offer(("error", exc))
+        finally:
+            close = getattr(iterable, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
+
+    thread = threading.Thread(target=pump, name="gpu_kquant-ray-rows", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                kind, item = items.get(timeout=seconds)
+            except queue.Empty:
+                raise _Stalled() from None
+            if kind == "error":
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 # -- resources -------------------------------------------------------------------------
@@ -278,14 +346,23 @@ def ray_histogram(tasks: list[Task], config: Config, device: torch.device) -> Co
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = _map_files(items, histogram_files, DECODE_BATCH, config)
     hist = ColorHistogram(device)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
-        for j in range(len(batch["images"])):
-            images = int(batch["images"][j])
-            for channels in (3, 4):
-                keys = torch.from_numpy(np.array(batch[f"keys{channels}"][j]))
-                counts = torch.from_numpy(np.array(batch[f"counts{channels}"][j]))
-                hist.add_colors(ColorSet(keys, counts, channels), images=images if channels == 3 else 0)
+    batches = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
+    try:
+        for batch in _batches_within(batches, STALL_SECONDS):
+            _add_histogram_batch(hist, batch)
+    except _Stalled:
+        raise JobError(f"the shared palette's histogram pass on Ray made no progress for {STALL_SECONDS:g} s") from None
     return hist
+
+
+def _add_histogram_batch(hist: ColorHistogram, batch: dict[str, Any]) -> None:
+    """Add one block's counts (a row of :func:`histogram_files` per block) to ``hist``."""
+    for j in range(len(batch["images"])):
+        images = int(batch["images"][j])
+        for channels in (3, 4):
+            keys = torch.from_numpy(np.array(batch[f"keys{channels}"][j]))
+            counts = torch.from_numpy(np.array(batch[f"counts{channels}"][j]))
+            hist.add_colors(ColorSet(keys, counts, channels), images=images if channels == 3 else 0)
 
 
 # -- stage 3: quantize and write (actors) ---------------------------------------------
@@ -557,8 +634,8 @@ def build_dataset(
             },
             num_gpus=plan.num_gpus,
             num_cpus=plan.num_cpus,
-            max_restarts=-1,  # a node may go away any number of times over a long job
-            max_task_retries=RETRIES,  # ...but a batch that keeps killing its worker gives up
+            max_restarts=MAX_RESTARTS,  # a node may go away several times over a long job, not forever
+            max_task_retries=RETRIES,  # ...and a batch that keeps killing its worker gives up
         )
 
 
@@ -672,12 +749,23 @@ def _run(
         plan = resources(n_gpus, cpus, device=config.device, workers=workers, batch_size=config.batch_size)
     except ValueError as exc:
         raise JobError(str(exc)) from None
-    lost = _stream(todo, config, plan, quantizer, emit, stages)
+    try:
+        lost = _stream(todo, config, plan, quantizer, emit, stages)
+    except _Stalled as stalled:
+        lost = stalled.args[0]
+        for _, task in lost:
+            emit(failed_row(task, config, _STALLED.format(s=STALL_SECONDS)))
+        return
     if lost and len(lost) <= max(RESCUE_MIN, len(todo) // 20):
         # Something in those batches kills its worker (or raises): redo them one image per
         # task and per batch, so that only the culprit is lost. Not when much of the job
         # failed: that is no bad file but a broken setup, and one by one would take ages.
-        lost = _stream(lost, config, plan, quantizer, emit, stages, alone=True)
+        try:
+            lost = _stream(lost, config, plan, quantizer, emit, stages, alone=True)
+        except _Stalled as stalled:
+            for _, task in stalled.args[0]:
+                emit(failed_row(task, config, _STALLED.format(s=STALL_SECONDS)))
+            return
         attempts = 2 * (RETRIES + 1)
     else:
         attempts = RETRIES + 1
@@ -695,13 +783,17 @@ def _stream(
     *,
     alone: bool = False,
 ) -> list[tuple[int, Task]]:
-    """Run one dataset over ``todo``, emitting rows as they arrive; returns the tasks without a row."""
+    """Run one dataset over ``todo``, emitting rows as they arrive; returns the tasks without a row.
+
+    Raises:
+        _Stalled: no rows for STALL_SECONDS; its argument is the tasks without a row.
+    """
     ds = build_dataset(todo, config, plan, quantizer, alone=alone)
     seen: set[int] = set()
     # no prefetching: rows are tiny, and a prefetched batch is only handed over with the next one
     batches = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
     try:
-        for batch in batches:
+        for batch in _batches_within(batches, STALL_SECONDS):
             for j in range(len(batch["i"])):
                 i = int(batch["i"][j])
                 if i in seen:  # never expected: Ray keeps only a successful attempt's output
@@ -711,8 +803,6 @@ def _stream(
                 stages["quantize"] += float(batch["quantize_s"][j])
                 stages["encode"] += float(batch["encode_s"][j])
                 emit(_row_from_json(str(batch["row"][j])))
-    finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
+    except _Stalled:
+        raise _Stalled([(i, task) for i, task in todo if i not in seen]) from None
     return [(i, task) for i, task in todo if i not in seen]

@@ -211,3 +211,96 @@ def test_write_atomic_leaves_no_temp_and_usual_permissions(tmp_path: Path) -> No
     umask = os.umask(0)
     os.umask(umask)
     assert dest.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# -- issue 12, items 15 and 16 -------------------------------------------------------------------------
+
+
+def test_32_bit_signed_tiff_is_scaled_not_clipped(tmp_path: Path) -> None:
+    """Pillow writes mode I as a signed 32-bit TIFF (SampleFormat 2): -2**31 is black, 2**31 - 1 white."""
+    values = np.linspace(-(2**31), 2**31 - 1, 64).astype(np.int64)
+    arr = values.astype(np.int32).reshape(8, 8)
+    d = load_image(save(Image.fromarray(arr), tmp_path / "a.tif"))
+    expected = np.rint((values + 2**31) * 255 / (2**32 - 1)).astype(np.uint8).reshape(8, 8)
+    np.testing.assert_array_equal(d.pixels[..., 0], expected)
+    assert d.pixels[..., 0].min() == 0 and d.pixels[..., 0].max() == 255 and len(np.unique(d.pixels)) > 32
+    assert "32-bit signed integer greyscale scaled to 8-bit" in d.notes
+    assert not any("16-bit" in n for n in d.notes)
+
+
+def test_32_bit_unsigned_tiff_is_scaled_not_clipped(tmp_path: Path) -> None:
+    tifffile = pytest.importorskip("tifffile")  # Pillow cannot write unsigned 32-bit samples
+    values = np.linspace(0, 2**32 - 1, 64).astype(np.uint64)
+    tifffile.imwrite(tmp_path / "a.tif", values.astype(np.uint32).reshape(8, 8))
+    d = load_image(tmp_path / "a.tif")
+    expected = np.rint(values.astype(np.float64) * 255 / (2**32 - 1)).astype(np.uint8).reshape(8, 8)
+    np.testing.assert_array_equal(d.pixels[..., 0], expected)
+    assert "32-bit integer greyscale scaled to 8-bit" in d.notes
+
+
+def test_16_bit_pgm_read_as_mode_i_is_still_16_bit(tmp_path: Path) -> None:
+    ramp = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)
+    path = tmp_path / "a.pgm"
+    path.write_bytes(b"P5\n8 8\n65535\n" + ramp.astype(">u2").tobytes())
+    d = load_image(path)
+    np.testing.assert_array_equal(d.pixels[..., 0], np.rint(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8))
+    assert "16-bit reduced to 8-bit" in d.notes
+
+
+@pytest.mark.parametrize("value", [0, 9, 100])
+def test_invalid_exif_orientation_is_reported_as_ignored(tmp_path: Path, rgb: Image.Image, value: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    path = save(rgb, tmp_path / "a.png", exif=exif)
+    d = load_image(path)
+    np.testing.assert_array_equal(d.pixels, np.asarray(rgb))  # not rotated
+    assert not any("applied" in n for n in d.notes), d.notes
+    assert f"EXIF orientation {value} is invalid (not 1..8); ignored" in d.notes
+
+
+def test_png_with_a_bad_checksum_is_reported_as_damaged(tmp_path: Path, rgb: Image.Image) -> None:
+    data = bytearray(save(rgb, tmp_path / "good.png").read_bytes())
+    data[29] ^= 0xFF  # the IHDR chunk's CRC
+    path = tmp_path / "bad.png"
+    path.write_bytes(bytes(data))
+    with pytest.raises(DecodeError) as info:
+        load_image(path)
+    message = str(info.value)
+    assert message.startswith("corrupt or damaged PNG file") and "checksum" in message, message
+    assert "not a recognised" not in message and "\n" not in message
+
+
+def test_pixel_limit_is_checked_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small file of many pixels (a decompression bomb) is refused from its header, never decoded."""
+    from PIL import ImageFile
+
+    from gpu_kquant.io import estimated_decoded_bytes
+
+    path = save(Image.new("L", (4000, 3000)), tmp_path / "bomb.png")
+    assert path.stat().st_size < 100_000
+
+    def no_decoding(self: object) -> None:
+        raise AssertionError("pixels were decoded")
+
+    with monkeypatch.context() as m:
+        m.setattr(ImageFile.ImageFile, "load", no_decoding)
+        with pytest.raises(DecodeError, match="above the limit"):
+            load_image(path, max_pixels=10_000_000)
+        estimate = estimated_decoded_bytes(path)
+    assert estimate == 4000 * 3000 * (1 + 4 + 3)
+    assert estimate >= load_image(path).pixels.nbytes
+    with pytest.raises(DecodeError, match="empty file"):
+        estimated_decoded_bytes(save_bytes(tmp_path / "empty.png", b""))
+
+
+def save_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_decoding_leaves_pillow_and_warning_settings_alone(tmp_path: Path, rgb: Image.Image) -> None:
+    import warnings
+
+    limit, filters = Image.MAX_IMAGE_PIXELS, list(warnings.filters)
+    load_image(save(rgb, tmp_path / "a.png"), max_pixels=10**12)
+    assert limit == Image.MAX_IMAGE_PIXELS and warnings.filters == filters

@@ -102,6 +102,7 @@ def rows(out: Path, tree: Path) -> dict[str, dict]:
     for line in (out / REPORT).read_text().splitlines():
         row = json.loads(line)
         row.pop("seconds")
+        row.pop("run")  # each run has its own id
         row["output"] = Path(row["output"]).relative_to(out).as_posix()
         result[Path(row["input"]).relative_to(tree).as_posix()] = row
     return result
@@ -243,10 +244,15 @@ def test_killed_worker_is_retried_and_outputs_are_complete(ray_cluster: str, tre
     assert_same_outputs(out, local)
 
 
+@pytest.mark.timeout(480)
 def test_input_that_always_kills_its_worker_fails_alone(
     ray_cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Hung for 7+ minutes with torch 2.14 (CUDA build) and ray 2.60 while actors restarted without
+    bound and the driver waited on Ray without a timeout: now restarts are bounded, and a stall
+    gives failed rows (and this test a clean failure) instead of a hang."""
     monkeypatch.setattr(gray, "RETRIES", 0)  # keep it short: one attempt per pass
+    monkeypatch.setattr(gray, "STALL_SECONDS", 200.0)  # a stall fails this test before its timeout
     small = make_tree(tmp_path / "small", n=8, bad=False)
     out = tmp_path / "out"
     victim = "img05.png"
@@ -332,3 +338,73 @@ def test_cli(ray_cluster: str, tmp_path: Path) -> None:
     assert "1 ok, 5 skipped" in done.stderr
     assert_complete(out, expected)
     assert ray.get(alive.remote()) == 1
+
+
+def test_waits_on_ray_are_bounded() -> None:
+    """The row iterator gives up on a batch that never comes, and hands on errors and the end."""
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def stuck() -> Iterator[int]:
+        yield 1
+        release.wait(60)  # a Ray iterator waiting on a worker that never answers
+        yield 2
+
+    t0 = time.monotonic()
+    seen = []
+    with pytest.raises(gray._Stalled):
+        for item in gray._batches_within(stuck(), 1.0):
+            seen.append(item)
+    assert seen == [1] and time.monotonic() - t0 < 30
+    release.set()
+    assert list(gray._batches_within(iter(range(5)), 5.0)) == [0, 1, 2, 3, 4]
+
+    def failing() -> Iterator[int]:
+        yield 1
+        raise RuntimeError("worker died")
+
+    with pytest.raises(RuntimeError, match="worker died"):
+        list(gray._batches_within(failing(), 5.0))
+
+
+def hanging(seconds: float) -> type[Quantizer]:
+    """A quantize actor that hangs once (for ``seconds``), like a worker stuck in a driver call."""
+
+    class Hanging(Quantizer):
+        slept = False
+
+        def encode(self, item: Item, result: Quantized | Exception) -> Row:
+            import time
+
+            if not Hanging.slept:
+                Hanging.slept = True
+                time.sleep(seconds)
+            return super().encode(item, result)
+
+    return Hanging
+
+
+@pytest.mark.timeout(480)
+def test_a_stalled_job_ends_with_failed_rows_instead_of_hanging(
+    ray_cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Last in the module: its stuck actor holds a CPU of the shared local Ray until its sleep ends."""
+    import time
+
+    monkeypatch.setattr(gray, "STALL_SECONDS", 45.0)
+    small = make_tree(tmp_path / "small", n=4, bad=False)
+    t0 = time.monotonic()
+    summary = ray_run(Config(inputs=[small], k=8, out=tmp_path / "out"), workers=1, quantizer=hanging(75))
+    assert time.monotonic() - t0 < 300
+    assert summary.counts == {"failed": 4}
+    reasons = {r["reason"] for r in rows(tmp_path / "out", small).values()}
+    assert reasons == {gray._STALLED.format(s=45.0)}
+    # Once the actor wakes up, the abandoned dataset is closed and its executor stops (not at shutdown).
+    import threading
+
+    for thread in threading.enumerate():
+        if thread.name == "gpu_kquant-ray-rows":
+            thread.join(240)
+            assert not thread.is_alive()
