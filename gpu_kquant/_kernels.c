@@ -87,6 +87,21 @@ static void tile_nearest(const float *restrict soa, int n, int d, const float *r
             }
         }
     }
+    if (d == 3 && second) { /* the colour case with the runner-up: fused, one pass per centroid */
+        for (; c < k; c++) {
+            const float c0 = cen[(size_t)c * 3], c1 = cen[(size_t)c * 3 + 1], c2 = cen[(size_t)c * 3 + 2];
+            for (int i = 0; i < n; i++) {
+                float t0 = soa[i] - c0, t1 = soa[TILE + i] - c1, t2 = soa[2 * TILE + i] - c2;
+                float v = t0 * t0 + t1 * t1;
+                v = v + t2 * t2;
+                float b = best[i], s2 = second[i];
+                int lt = v < b;
+                second[i] = lt ? b : (v < s2 ? v : s2);
+                best[i] = lt ? v : b;
+                lab[i] = lt ? c : lab[i];
+            }
+        }
+    }
     for (; c < k; c++) {
         const float *restrict cc = cen + (size_t)c * d;
         if (d == 3) {

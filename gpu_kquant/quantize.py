@@ -26,6 +26,7 @@ from .device import resolve_device
 from .dither import DITHERS, bayer_offsets, floyd_steinberg, palette_spacing
 from .kmeans import best_restarts, kmeans
 from .nearest import assign, assign_with_bounds, nearest_two
+from .options import auto_fit_points, auto_n_init
 from .spaces import SPACES, ColorSpace
 
 __all__ = ["DITHERS", "SPACES", "Quantized", "fit_palette", "map_to_palette", "quantize", "quantize_batch", "to_tensor"]
@@ -394,28 +395,6 @@ def _finish(
     if index_dtype != torch.uint8:
         indices = indices.astype(np.uint16)
     return Quantized(palette.cpu().numpy(), indices, mse, blur_mse)
-
-
-def auto_n_init(k: int) -> int:
-    """Default k-means++ restarts: 8 up to k = 64, 1 above.
-
-    Small palettes land in local optima several percent apart. Restarts run on the
-    coarse seed set, where they are cheap, and only the best two go on to the fine set
-    (see :func:`_fit`): measured on six photos and two 4-megapixel mosaics at k = 16,
-    eight restarts bring the worst case from 2.8% above scikit-learn's full fit to 0.5%.
-    At k = 256 restarts change MSE by under 1% and would double the fit time.
-    """
-    return 8 if k <= 64 else 1
-
-
-def auto_fit_points(k: int) -> int:
-    """Default ``max_fit_points``: exact colour sets up to 32768 colours for k <= 32, else 131072.
-
-    Above it, colours merge into 6-bit bins (4x4x4 sRGB cubes), which cost under 0.5%
-    of MSE while clusters are wide (k <= 32) but about 2% at k = 64 on 0.25-megapixel
-    photos, whose 60-110 thousand colours are then fitted exactly.
-    """
-    return 1 << 15 if k <= 32 else 1 << 17
 
 
 def _used_in_order(pal_alpha: torch.Tensor, usage: torch.Tensor) -> torch.Tensor:
