@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .device import resolve_device
-from .io import FORMATS
+from .imagefiles import FORMATS
 from .palette import Palette
 from .pipeline import Config, JobError, execute, prepare
 from .quantize import DITHERS, SPACES

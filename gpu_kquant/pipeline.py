@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .device import resolve_device
-from .io import IMAGE_EXTENSIONS, TEMP_PREFIX, Decoded, DecodeError, encode, load_image, write_atomic
+from .imagefiles import IMAGE_EXTENSIONS, TEMP_PREFIX, Decoded, DecodeError, encode, load_image, write_atomic
 from .metrics import mean_ciede2000
 from .palette import ColorHistogram, Palette
 from .preview import Gallery, side_by_side, thumbnail_pair

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .io import write_atomic
+from .imagefiles import write_atomic
 
 __all__ = ["Gallery", "side_by_side", "thumbnail_pair"]
 

@@ -54,7 +54,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .colors import ColorSet, color_set, pack
 from .device import resolve_device
-from .io import Decoded, DecodeError
+from .imagefiles import Decoded, DecodeError
 from .palette import ColorHistogram
 from .pipeline import (
     PALETTE_FILES,

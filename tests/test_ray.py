@@ -22,7 +22,7 @@ from common_utils import cli, needs_cuda, photo  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import gpu_kquant.ray as gray  # noqa: E402
-from gpu_kquant.io import TEMP_PREFIX  # noqa: E402
+from gpu_kquant.imagefiles import TEMP_PREFIX  # noqa: E402
 from gpu_kquant.pipeline import Config, Item, execute, prepare  # noqa: E402
 from gpu_kquant.quantize import Quantized  # noqa: E402
 from gpu_kquant.ray import Quantizer, resources, run_job  # noqa: E402

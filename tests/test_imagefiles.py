@@ -11,7 +11,7 @@ import pytest
 from common_utils import linear_rgb_icc, photo
 from PIL import Image, ImageCms
 
-from gpu_kquant.io import DecodeError, encode, encode_png, load_image, write_atomic
+from gpu_kquant.imagefiles import DecodeError, encode, encode_png, load_image, write_atomic
 
 
 def save(img: Image.Image, path: Path, fmt: str | None = None, **options: object) -> Path:
