@@ -109,7 +109,7 @@ def gpu_kquant(space: str, device: str) -> Quantizer:
 
 
 def gpu_kquant_png(palette: np.ndarray, indices: np.ndarray) -> bytes:
-    """The PNG gpu_kquant itself writes: ``gpu_kquant.imagefiles.encode("png", ...)`` (indexed, filter None, default level)."""
+    """The PNG gpu_kquant itself writes: ``imagefiles.encode("png", ...)`` (indexed, filter None, default level)."""
     from gpu_kquant.imagefiles import encode
 
     data, _ = encode("png", palette, indices)

@@ -7,23 +7,29 @@ usage error, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import warnings
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 from . import __version__
+from .control import Progress
 from .device import resolve_device
+from .dither import DITHERS
+from .engine_local import run_local
 from .imagefiles import FORMATS
+from .options import EngineOptions, FitOptions, OutputOptions, RunOptions, default_workers
 from .palette import Palette
-from .pipeline import Config, JobError, execute, prepare
-from .quantize import DITHERS, SPACES
+from .planning import Job, JobError, plan_job
+from .process import configure_process
+from .report import Summary
+from .spaces import SPACES
 
-__all__ = ["build_parser", "main"]
+__all__ = ["ENGINES", "build_parser", "main", "run_options"]
 
 DEMO_OUT = Path("gpu_kquant_demo")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -57,6 +63,17 @@ def _quality(text: str) -> tuple[float, float]:
     if not 0 <= low <= high:
         raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= MAX, got {text!r}")
     return low, high
+
+
+def _ray_engine(job: Job, run: RunOptions, progress: Progress) -> Summary:
+    from .engine_ray import run_on_ray  # optional dependency, imported only when asked for
+
+    return run_on_ray(job, run, progress)
+
+
+Engine = Callable[[Job, RunOptions, Progress], Summary]
+ENGINES: dict[str, Engine] = {"local": run_local, "ray": _ray_engine}
+"""``--engine`` choices: each runs a planned job and returns its summary."""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -101,9 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="images per batched k-means (default: 16 on CUDA, 4 on the CPU)",
     )
-    parser.add_argument(
-        "--workers", type=_positive, default=max(1, os.cpu_count() or 1), help="decode and encode threads each"
-    )
+    parser.add_argument("--workers", type=_positive, default=default_workers(), help="decode and write threads")
     parser.add_argument("--overwrite", action="store_true", help="redo inputs whose output already exists")
     parser.add_argument(
         "--report", type=Path, default=None, help="JSON-lines report (default: OUT/gpu_kquant_report.jsonl)"
@@ -170,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed and device, same output")
     parser.add_argument(
         "--engine",
-        choices=("local", "ray"),
+        choices=tuple(ENGINES),
         default="local",
         help="local threads, or a Ray cluster (needs the 'ray' extra)",
     )
@@ -192,16 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
-    inputs = [Path(p) for p in args.inputs]
-    if args.demo:
-        inputs = [Path(str(resources.files("gpu_kquant") / "samples"))]
-        args.out = args.out or DEMO_OUT
-    if not inputs:
-        parser.error("give at least one INPUT folder or file (or --demo)")
-    for path in inputs:
-        if not path.exists():
-            parser.error(f"input not found: {path}")
+def _check_k(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """-k and a palette file's size fit the output format."""
     top = 1 << 16 if args.format == "npz" else 256
     if not 2 <= args.k <= top:
         parser.error(f"-k must be between 2 and {top} for --format {args.format}, got {args.k}")
@@ -212,68 +219,87 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config
             parser.error(f"cannot read palette {args.palette}: {exc}")
         if size > top:
             parser.error(f"palette {args.palette} has {size} colours; --format {args.format} holds at most {top}")
+
+
+def run_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> RunOptions:
+    """The run's typed options from the parsed flags (usage errors exit 2)."""
+    inputs = [Path(p) for p in args.inputs]
+    out = args.out
+    if args.demo:
+        inputs = [Path(str(resources.files("gpu_kquant") / "samples"))]
+        out = out or DEMO_OUT
+    if not inputs:
+        parser.error("give at least one INPUT folder or file (or --demo)")
+    for path in inputs:
+        if not path.exists():
+            parser.error(f"input not found: {path}")
+    _check_k(args, parser)
     device = args.device
     if args.engine == "local":  # a Ray driver may have no GPU while its workers do
         try:
             device = str(resolve_device(args.device))
         except ValueError as exc:
             parser.error(str(exc))
-    return Config(
-        inputs=inputs,
-        k=args.k,
-        out=args.out,
-        fmt=args.format,
-        device=device,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        overwrite=args.overwrite,
-        report=args.report,
-        shard=args.shard,
-        quiet=args.quiet,
+    fit = FitOptions(k=args.k, space=args.space, seed=args.seed, n_init=args.n_init, max_iter=args.max_iter)
+    output = OutputOptions(
+        out=out,
+        format=args.format,
         compress_level=args.compress_level,
-        max_pixels=args.max_pixels,
-        seed=args.seed,
-        space=args.space,
-        dither=args.dither,
+        report=args.report,
         palette=args.palette,
+        dither=args.dither,
         quality=args.quality,
+        overwrite=args.overwrite,
         skip_if_larger=args.skip_if_larger,
         ciede2000=args.ciede2000,
         preview=args.preview,
-        quantize_options={"n_init": args.n_init, "max_iter": args.max_iter},
     )
+    engine = EngineOptions(
+        engine=args.engine,
+        device=device,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        max_pixels=args.max_pixels,
+        shard=args.shard,
+        ray_address=args.ray_address,
+        ray_workers=args.ray_workers,
+    )
+    return RunOptions(tuple(inputs), fit, output, engine)
+
+
+def _progress_bar(bar: tqdm) -> Progress:
+    """A progress callback that moves ``bar`` and shows megapixels per second."""
+    pixels = [0]
+
+    def progress(images: int, px: int) -> None:
+        pixels[0] += px
+        elapsed = bar.format_dict["elapsed"] or 1e-9
+        bar.set_postfix_str(f"{pixels[0] / 1e6 / elapsed:.1f} MP/s", refresh=False)
+        bar.update(images)
+
+    return progress
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = _config(args, parser)
-    # The pipeline enforces --max-pixels itself with a clear per-file reason.
-    Image.MAX_IMAGE_PIXELS = max(args.max_pixels, Image.MAX_IMAGE_PIXELS or 0)
-    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    run = run_options(args, parser)
+    # The process entry: what this process needs, set once (library code never does).
+    cpu_threads = run.engine.engine == "local" and torch.device(run.engine.device or "cpu").type == "cpu"
+    configure_process(max_pixels=args.max_pixels, single_threaded_torch=cpu_threads)
     try:
         try:
-            job = prepare(config)
+            job = plan_job(run)
         except ValueError as exc:
             parser.error(str(exc))
-        with tqdm(total=len(job.tasks), unit="img", disable=config.quiet, file=sys.stderr, dynamic_ncols=True) as bar:
-            pixels = [0]
-
-            def progress(images: int, px: int) -> None:
-                pixels[0] += px
-                elapsed = bar.format_dict["elapsed"] or 1e-9
-                bar.set_postfix_str(f"{pixels[0] / 1e6 / elapsed:.1f} MP/s", refresh=False)
-                bar.update(images)
-
-            if args.engine == "ray":
-                try:
-                    from .ray import run_job  # optional dependency, imported only when asked for
-                except ModuleNotFoundError as exc:
-                    parser.error(str(exc))
-                summary = run_job(job, config, address=args.ray_address, progress=progress, workers=args.ray_workers)
-            else:
-                summary = execute(job, config, progress)
+        with tqdm(total=len(job.tasks), unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True) as bar:
+            try:
+                summary = ENGINES[run.engine.engine](job, run, _progress_bar(bar))
+            except ModuleNotFoundError as exc:
+                if exc.name != "ray":
+                    raise
+                parser.error(str(exc))
     except KeyboardInterrupt:
         print("gpu_kquant: interrupted before any work started", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -283,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in summary.lines():
         print(line, file=sys.stderr)
     print(f"  report: {job.report}", file=sys.stderr)
-    if args.demo:
-        print(f"Demo outputs are in {config.out.resolve()}/", file=sys.stderr)
+    if args.demo and run.output.out is not None:
+        print(f"Demo outputs are in {run.output.out.resolve()}/", file=sys.stderr)
     if summary.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_FAILED if summary.failed else EXIT_OK

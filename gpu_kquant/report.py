@@ -9,7 +9,7 @@ import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from .preview import Gallery
 
@@ -43,7 +43,7 @@ class Row:
     ciede2000: float | None = None
     notes: list[str] = field(default_factory=list)
     # What the --preview gallery shows of this image; not written to the report.
-    preview: dict | None = field(default=None, repr=False, compare=False)
+    preview: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -58,7 +58,7 @@ class Row:
 class Summary:
     """Totals of a run, filled as rows arrive."""
 
-    counts: Counter = field(default_factory=Counter)
+    counts: Counter[str] = field(default_factory=Counter)
     bytes_in: int = 0
     bytes_out: int = 0
     pixels: int = 0
@@ -67,7 +67,7 @@ class Summary:
     ciede_sum: float = 0.0
     ciede_n: int = 0
     seconds: float = 0.0
-    stage_seconds: Counter = field(default_factory=Counter)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     interrupted: bool = False
     ignored: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -75,7 +75,7 @@ class Summary:
     def add_stage(self, stage: str, seconds: float) -> None:
         """Add time spent in a pipeline stage (thread-safe)."""
         with self._lock:
-            self.stage_seconds[stage] += seconds
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
     def add(self, row: Row) -> None:
         self.counts[row.status] += 1
