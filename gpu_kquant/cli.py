@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=_HelpFormatter,
     )
+    _add_run_flags(parser)
+    _add_output_flags(parser)
+    _add_engine_flags(parser)
+    return parser
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """Inputs, outputs, resume and sharding."""
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image files and/or folders (walked recursively)")
     parser.add_argument(
         "-k", "--colors", dest="k", type=int, default=16, help="palette size: 2..256, up to 65536 for npz"
@@ -118,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="images per batched k-means (default: 16 on CUDA, 4 on the CPU)",
     )
-    parser.add_argument("--workers", type=_positive, default=default_workers(), help="decode and write threads")
+    parser.add_argument("--workers", type=_positive, default=default_workers(), help="decode and write threads each")
     parser.add_argument("--overwrite", action="store_true", help="redo inputs whose output already exists")
     parser.add_argument(
         "--report", type=Path, default=None, help="JSON-lines report (default: OUT/gpu_kquant_report.jsonl)"
@@ -131,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="process only shard I of N, 0-based (default: all inputs)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """What is written and how palettes are fitted."""
     parser.add_argument(
         "--compress-level",
         type=int,
@@ -183,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-iter", type=_positive, default=300, help="Lloyd iterations at most (lower is faster)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed and device, same output")
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Engines, the demo and the version."""
     parser.add_argument(
         "--engine",
         choices=tuple(ENGINES),
@@ -204,7 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--demo", action="store_true", help=f"quantize the bundled sample photos into ./{DEMO_OUT}/")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser
 
 
 def _check_k(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

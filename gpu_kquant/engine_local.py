@@ -124,8 +124,10 @@ def run_local(job: Job, run: RunOptions, progress: Progress | None = None) -> Su
     report = open_report(job, setup, summary)
     emit = RowEmitter(report, progress)
     stop, clock = threading.Event(), StageClock()
+    # decode and write share one pool: ``workers`` threads for each, as --workers says
+    io_threads = 2 * run.engine.workers
     workers = [
-        Worker(setup, d, io_threads=run.engine.workers, group_size=run.engine.batch_size, stop=stop, clock=clock)
+        Worker(setup, d, io_threads=io_threads, group_size=run.engine.batch_size, stop=stop, clock=clock)
         for d in devices
     ]
     try:

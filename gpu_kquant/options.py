@@ -142,7 +142,7 @@ class EngineOptions:
     Attributes:
         engine: ``local`` (threads on this machine) or ``ray`` (a Ray cluster).
         device: ``auto``/``None``, ``cpu``, ``cuda`` or ``cuda:N``.
-        workers: decode and write threads.
+        workers: decode threads and as many write threads.
         batch_size: images per batched k-means (``None``: :func:`gpu_kquant.control.default_batch_size`).
         batch_pixels: a k-means batch closes at this many pixels, whatever its image count.
         max_pixels: inputs above this many pixels fail with a clear reason (``None``: no limit).
