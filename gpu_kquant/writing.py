@@ -42,17 +42,23 @@ class Item:
         self.pixels = int(self.decoded.pixels.shape[0] * self.decoded.pixels.shape[1])
 
 
-def _common(item: Item, setup: RunSetup) -> dict[str, Any]:
-    """Row fields every outcome of a quantized image shares."""
+def _row(item: Item, result: Quantized, status: str, setup: RunSetup, **fields: Any) -> Row:
+    """A row of a quantized image: the fields every outcome shares, plus ``fields``."""
     h, w = item.decoded.pixels.shape[:2]
-    return {
-        "width": w,
-        "height": h,
-        "k": setup.fit.k,
-        "input_bytes": item.input_bytes,
-        "space": setup.space,
-        "dither": setup.output.dither,
-    }
+    return Row(
+        str(item.task.src),
+        str(item.task.dst),
+        status,
+        width=w,
+        height=h,
+        k=setup.fit.k,
+        colors=result.n_colors,
+        input_bytes=item.input_bytes,
+        psnr=round(result.psnr, 3),
+        space=setup.space,
+        dither=setup.output.dither,
+        **fields,
+    )
 
 
 def quality_guard(item: Item, result: Quantized, setup: RunSetup) -> Row | None:
@@ -61,16 +67,7 @@ def quality_guard(item: Item, result: Quantized, setup: RunSetup) -> Row | None:
     if quality is None or result.psnr >= quality[0]:
         return None
     reason = f"PSNR {result.psnr:.2f} dB is below the minimum of {quality[0]:g} dB"
-    return Row(
-        str(item.task.src),
-        str(item.task.dst),
-        "quality",
-        reason=reason,
-        colors=result.n_colors,
-        mse=round(result.mse, 4),
-        psnr=round(result.psnr, 3),
-        **_common(item, setup),
-    )
+    return _row(item, result, "quality", setup, reason=reason, mse=round(result.mse, 4))
 
 
 def size_guard(item: Item, result: Quantized, size: int, setup: RunSetup) -> Row | None:
@@ -78,30 +75,19 @@ def size_guard(item: Item, result: Quantized, size: int, setup: RunSetup) -> Row
     if not setup.output.skip_if_larger or size <= item.input_bytes:
         return None
     reason = f"output would be {size} bytes, larger than the input's {item.input_bytes}"
-    return Row(
-        str(item.task.src),
-        str(item.task.dst),
-        "larger",
-        reason=reason,
-        colors=result.n_colors,
-        output_bytes=size,
-        psnr=round(result.psnr, 3),
-        **_common(item, setup),
-    )
+    return _row(item, result, "larger", setup, reason=reason, output_bytes=size)
 
 
 def _ok_row(item: Item, result: Quantized, size: int, notes: list[str], setup: RunSetup) -> Row:
-    return Row(
-        str(item.task.src),
-        str(item.task.dst),
+    return _row(
+        item,
+        result,
         "ok",
-        colors=result.n_colors,
+        setup,
         output_bytes=size,
         mse=round(result.mse, 4),
-        psnr=round(result.psnr, 3),
         psnr_blur=None if result.blurred_psnr is None else round(result.blurred_psnr, 3),
         notes=item.decoded.notes + notes,
-        **_common(item, setup),
     )
 
 
