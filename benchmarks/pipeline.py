@@ -298,7 +298,7 @@ def run_in_process(
         if res["ok"] != len(photos):
             raise RuntimeError(f"pipeline {tag} {r + 1}: {res['ok']} of {len(photos)} photos ok")
         print(f"  pipeline {tag} {r + 1}: {res['seconds']:.2f} s (stages {_stage_text(res['stages'])})", flush=True)
-    _check_outputs(Path(outs[-1]), photos, "gpu_kquant.pipeline.run")
+    _check_outputs(Path(outs[-1]), photos, "gpu_kquant.engine_local.run_local")
     stages = {s: statistics.fmean(res["stages"].get(s, 0.0) for res in runs) for s in STAGES}
     threads = f"{runs[0]['workers']} decode + {runs[0]['workers']} encode threads on {runs[0]['device']}"
     if bound_of is None:
@@ -612,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tmp)
         print("gpu_kquant command line", flush=True)
         results.append(run_cli(folder, photos, work, args))
-        print("gpu_kquant.pipeline.run", flush=True)
+        print("gpu_kquant.engine_local.run_local", flush=True)
         inproc = run_in_process(folder, photos, work, args)
         results.append(inproc)
         print("decode + encode only (quantization replaced by a lookup)", flush=True)
@@ -658,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         markdown_table(rows, RESULT_COLUMNS),
         "\n".join([*(f"- {m.tool}: {m.what}" for m in results), *(f"- note: {n}" for n in notes)]),
         "## Where gpu_kquant's time goes",
-        f"`gpu_kquant.pipeline.run`, {inproc.what.split(', ', 1)[1]}; throughput "
+        f"`gpu_kquant.engine_local.run_local`, {inproc.what.split(', ', 1)[1]}; throughput "
         f"{by_tool[inproc.tool]['images_per_s'] / by_tool[bound.tool]['images_per_s']:.1%} of the decode + "
         "encode only run.",
         _stages_markdown(inproc, bound),
