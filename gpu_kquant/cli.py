@@ -7,6 +7,7 @@ usage error, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from importlib import resources
@@ -29,7 +30,7 @@ from .process import configure_process
 from .report import Summary
 from .spaces import SPACES
 
-__all__ = ["ENGINES", "build_parser", "main", "run_options"]
+__all__ = ["ENGINES", "build_parser", "command", "main", "run_options"]
 
 DEMO_OUT = Path("gpu_kquant_demo")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -329,3 +330,17 @@ def main(argv: list[str] | None = None) -> int:
     if summary.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def command() -> None:
+    """The process entry (``gpu-kquant``, ``python -m gpu_kquant``): :func:`main`, then exit.
+
+    After an interrupt every output write has finished and the report is closed, so the
+    process ends at once instead of waiting for a k-means batch nobody will use.
+    """
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)

@@ -1,8 +1,8 @@
 """The local engine: one :class:`~gpu_kquant.worker.Worker` per device of this machine.
 
 The tasks of each device go to its worker in consecutive calls, a few in flight so
-that one call decodes while another quantizes and a third writes; rows are emitted as
-each call returns. With several GPUs each one gets its own deterministic part of the
+that one call decodes while another quantizes and a third writes; each row is reported
+as soon as it is ready. With several GPUs each one gets its own deterministic part of the
 tasks (the ``--shard`` split) and all share the report. Memory is bounded by the calls
 in flight, not by the number of inputs.
 """
@@ -68,7 +68,7 @@ def shared_histogram(tasks: list[Task], run: RunOptions, device: torch.device) -
 
 
 def _feed(worker: Worker, tasks: list[Task], emit: Callable[[Row], None]) -> None:
-    """Run ``tasks`` through ``worker`` in consecutive calls, a few in flight, emitting rows in order."""
+    """Run ``tasks`` through ``worker`` in consecutive calls, a few in flight; rows are emitted as they are ready."""
     size = call_size(worker.group_size, worker.quantizers, worker.device)
     in_flight = _IN_FLIGHT.get(worker.device.type, 2)
     calls = ThreadPoolExecutor(in_flight, thread_name_prefix="gpu_kquant-call")
@@ -77,13 +77,11 @@ def _feed(worker: Worker, tasks: list[Task], emit: Callable[[Row], None]) -> Non
         for start in range(0, len(tasks), size):
             if worker.stop.is_set():
                 return
-            pending.append(calls.submit(worker.process, tasks[start : start + size]))
+            pending.append(calls.submit(worker.process, tasks[start : start + size], emit))
             while len(pending) >= in_flight:
-                for row in pending.popleft().result():
-                    emit(row)
+                pending.popleft().result()
         while pending:
-            for row in pending.popleft().result():
-                emit(row)
+            pending.popleft().result()
     except BaseException:
         worker.stop.set()  # queued work is dropped; running writes finish (they are atomic)
         raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 import numpy as np
@@ -31,6 +32,7 @@ from .writing import Item, write_result
 __all__ = ["Item", "Worker", "add_pixel_shares", "quantize_items", "read_task"]
 
 Result = Quantized | Exception
+RowSink = Callable[[Row], None]
 
 
 def read_task(task: Task, max_pixels: int | None) -> Item:
@@ -137,21 +139,27 @@ class Worker:
         finally:
             self.clock.add("encode", time.perf_counter() - t0)
 
-    def process(self, tasks: list[Task]) -> list[Row]:
-        """The rows of ``tasks``, in task order (fewer when the run was stopped)."""
+    def process(self, tasks: list[Task], on_row: RowSink | None = None) -> list[Row]:
+        """The rows of ``tasks``, in task order (fewer when the run was stopped).
+
+        ``on_row`` also gets each row the moment it is ready (from worker threads), so a
+        stopped run still reports every output it wrote.
+        """
         rows: list[Row | None] = [None] * len(tasks)
         try:
-            self._process(tasks, rows)
+            self._process(tasks, rows, on_row)
         except (CancelledError, RuntimeError):
             if not self.stop.is_set():  # a stop cancels queued work; anything else is a bug
                 raise
         return [row for row in rows if row is not None]
 
-    def _process(self, tasks: list[Task], rows: list[Row | None]) -> None:
+    def _process(self, tasks: list[Task], rows: list[Row | None], on_row: RowSink | None) -> None:
         items: list[tuple[int, Item]] = []
         for j, out in enumerate(self._io.map(self.read, tasks)):
             if isinstance(out, Row):
                 rows[j] = out
+                if on_row is not None:
+                    on_row(out)
             else:
                 items.append((j, out))
         size = self.group_size
@@ -164,9 +172,17 @@ class Worker:
             results = future.result()
             if results is None or self.stop.is_set():
                 break
-            writes += [(j, self._io.submit(self.write, item, res)) for (j, item), res in zip(group, results)]
+            writes += [
+                (j, self._io.submit(self._write_to, on_row, item, res)) for (j, item), res in zip(group, results)
+            ]
         for j, written in writes:
             rows[j] = written.result()
+
+    def _write_to(self, on_row: RowSink | None, item: Item, result: Result) -> Row:
+        row = self.write(item, result)
+        if on_row is not None:
+            on_row(row)
+        return row
 
     def _quantize_unless_stopped(self, group: list[tuple[int, Item]]) -> list[Result] | None:
         if self.stop.is_set():
