@@ -6,7 +6,7 @@ three photos in ``gpu_kquant/samples`` are pixel-identical copies of three of th
 an equal share from each, are written once as PNG to ``benchmarks/.cache/crops/``.
 At each k the folder goes through the ``gpu_kquant`` command line (whole process
 timed, default workers),
-``gpu_kquant.pipeline.run`` in a fresh process (the decode / quantize / encode split),
+``gpu_kquant.engine_local.run_local`` in a fresh process (the decode / quantize / encode split),
 the same pipeline with quantization replaced by a lookup (the decode + encode only
 bound) and ``pngquant --nofs`` two processes at a time. Reported: images/s (median of
 ``--repeats`` runs), mean PSNR of each tool's files against the crops and mean output
@@ -179,9 +179,9 @@ HOW_MEASURED = """\
 - gpu_kquant CLI: wall clock of the whole `python -m gpu_kquant CROPS -k K -o OUT --quiet --overwrite
   --device auto` process (start-up included; default workers and batch size unless given). The
   targets use this figure.
-- gpu_kquant pipeline.run: `Summary.seconds` of `gpu_kquant.pipeline.run` in a freshly spawned process
+- gpu_kquant pipeline.run: `Summary.seconds` of `gpu_kquant.engine_local.run_local` in a freshly spawned process
   (start-up and imports excluded); the stage split is `Summary.stage_seconds`, summed over threads.
-- Decode + encode only: the same pipeline with `gpu_kquant.pipeline.quantize_items` replaced by a
+- Decode + encode only: the same pipeline with `gpu_kquant.worker.quantize_items` replaced by a
   lookup of the palettes and indices the CLI wrote (`benchmarks.pipeline`'s bound): what the pipeline
   would cost if quantization were free.
 - pngquant: one `pngquant --nofs --force --output OUT/x.png K -- IN/x.png` process per crop,

@@ -272,7 +272,7 @@ def decode_encode_bound(folder: Path, done: Path, work: Path) -> float:
     """Seconds to decode every PNG of ``folder`` (Pillow) and encode its finished result, in a thread pool."""
     from PIL import Image
 
-    from gpu_kquant.io import encode_png, load_image, write_atomic
+    from gpu_kquant.imagefiles import encode_png, load_image, write_atomic
 
     results = {}
     for path in sorted(done.glob("*.png")):

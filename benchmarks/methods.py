@@ -109,8 +109,8 @@ def gpu_kquant(space: str, device: str) -> Quantizer:
 
 
 def gpu_kquant_png(palette: np.ndarray, indices: np.ndarray) -> bytes:
-    """The PNG gpu_kquant itself writes: ``gpu_kquant.io.encode("png", ...)`` (indexed, filter None, default level)."""
-    from gpu_kquant.io import encode
+    """The PNG gpu_kquant itself writes: ``imagefiles.encode("png", ...)`` (indexed, filter None, default level)."""
+    from gpu_kquant.imagefiles import encode
 
     data, _ = encode("png", palette, indices)
     return data

@@ -406,7 +406,7 @@ HOW_MEASURED = """\
   pixels for every method). Unused palette entries are dropped first.
 - PNG size: the indexed image written by Pillow (`save(format="PNG", optimize=False,
   compress_level=9)`, same call for every method); pngquant's own output file for pngquant. gpu_kquant
-  rows also give the file the tool itself writes (`own_png_bytes`: `gpu_kquant.io.encode("png", palette,
+  rows also give the file the tool itself writes (`own_png_bytes`: `gpu_kquant.imagefiles.encode("png", palette,
   indices)`, indexed with filter None, zlib level 9 up to 8 colours else 6); the bytes target compares
   that with pngquant --nofs's own file.
 - Peak memory: peak RSS (kernel VmHWM, reset just before the measurement) minus the RSS after loading
@@ -457,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report.results_markdown(agg),
                 f"![speed against quality]({plot.name})",
                 "### Output bytes, each tool's own writer",
-                "gpu_kquant's file as the tool writes it (`gpu_kquant.io.encode`), the same result through the "
+                "gpu_kquant's file as the tool writes it (`gpu_kquant.imagefiles.encode`), the same result through the "
                 "common Pillow call, and pngquant's own output file; means over images.",
                 own_bytes_markdown(agg),
                 "## Targets",

@@ -1,7 +1,7 @@
 """Directory pipeline throughput (``python -m benchmarks.pipeline``): a folder of photos, folder to folder.
 
 The same folder of PNG photos goes through the ``gpu_kquant`` command line (whole
-process timed), through ``gpu_kquant.pipeline.run`` in a fresh process (for the
+process timed), through ``gpu_kquant.engine_local.run_local`` in a fresh process (for the
 decode / quantize / encode split), through the same pipeline with quantization
 replaced by a lookup of finished results (the decode-plus-encode-only bound),
 through ``pngquant --nofs`` two processes at a time, and through the tutorial's
@@ -244,26 +244,23 @@ def run_cli(folder: Path, photos: Sequence[Photo], work: Path, args: argparse.Na
 def _pipeline_runs(
     folder: str, outs: list[str], k: int, device: str, workers: int | None, batch_size: int | None
 ) -> list[dict[str, Any]]:
-    """``gpu_kquant.pipeline.run`` once per output folder (runs in a fresh process); figures from its Summary."""
+    """``gpu_kquant.engine_local.run_local`` once per output folder (in a fresh process); figures from its Summary."""
     from gpu_kquant.device import resolve_device
-    from gpu_kquant.pipeline import Config, run
+    from gpu_kquant.engine_local import run_local
+    from gpu_kquant.options import EngineOptions, FitOptions, OutputOptions, RunOptions
+    from gpu_kquant.planning import plan_job
+    from gpu_kquant.process import configure_process
 
     options: dict[str, Any] = {"workers": workers} if workers else {}
     Image.init()  # Pillow's one-time plugin registration, as an import would
+    dev = resolve_device(None if device == "auto" else device)
+    configure_process(single_threaded_torch=dev.type == "cpu")  # this process's entry, as the CLI's
     results = []
     for out in outs:
-        config = Config(
-            inputs=[Path(folder)],
-            k=k,
-            out=Path(out),
-            device=None if device == "auto" else device,
-            batch_size=batch_size,
-            overwrite=True,
-            quiet=True,
-            **options,
-        )
+        engine = EngineOptions(device=str(dev), batch_size=batch_size, **options)
+        run = RunOptions((Path(folder),), FitOptions(k=k), OutputOptions(out=Path(out), overwrite=True), engine)
         start = time.perf_counter()
-        summary = run(config)
+        summary = run_local(plan_job(run), run)
         wall = time.perf_counter() - start
         results.append(
             {
@@ -273,8 +270,8 @@ def _pipeline_runs(
                 "failed": summary.failed,
                 "pixels": summary.pixels,
                 "stages": dict(summary.stage_seconds),
-                "device": str(resolve_device(config.device)),
-                "workers": config.workers,
+                "device": str(dev),
+                "workers": engine.workers,
             }
         )
     return results
@@ -289,7 +286,7 @@ def _bound_runs(
     own code; only ``quantize_items`` returns the palette and indices gpu_kquant
     already wrote for each photo, read back before the clock starts.
     """
-    import gpu_kquant.pipeline as pipeline_mod
+    import gpu_kquant.worker as worker_mod
     from gpu_kquant.quantize import Quantized
 
     results: dict[str, Quantized] = {}
@@ -300,21 +297,21 @@ def _bound_runs(
         results[path.name] = Quantized(palette[: int(indices.max()) + 1], indices, 0.0)
     looked_up = []
 
-    def lookup(items: list[Any], config: Any, device: Any) -> list[Quantized]:
+    def lookup(items: list[Any], setup: Any, device: Any) -> list[Quantized]:
         looked_up.extend(items)
         return [results[item.task.dst.name] for item in items]
 
-    pipeline_mod.quantize_items = lookup  # type: ignore[assignment]
+    worker_mod.quantize_items = lookup  # type: ignore[assignment]
     runs = _pipeline_runs(folder, outs, k, device, workers, batch_size)
     if len(looked_up) != sum(r["ok"] for r in runs):
-        raise RuntimeError("the pipeline no longer calls gpu_kquant.pipeline.quantize_items; update the bound")
+        raise RuntimeError("the worker no longer calls gpu_kquant.worker.quantize_items; update the bound")
     return runs
 
 
 def run_in_process(
     folder: Path, photos: Sequence[Photo], work: Path, args: argparse.Namespace, bound_of: Path | None = None
 ) -> Measurement:
-    """``gpu_kquant.pipeline.run`` (or, with ``bound_of``, the decode+encode-only bound) in a fresh process."""
+    """``engine_local.run_local`` (or, with ``bound_of``, the decode+encode-only bound) in a fresh process."""
     tag = "bound" if bound_of else "run"
     outs = [str(work / f"{tag}-{r}") for r in range(args.repeats)]
     common = (args.k, args.device, args.workers, args.batch_size)
@@ -326,11 +323,14 @@ def run_in_process(
         if res["ok"] != len(photos):
             raise RuntimeError(f"pipeline {tag} {r + 1}: {res['ok']} of {len(photos)} photos ok")
         print(f"  pipeline {tag} {r + 1}: {res['seconds']:.2f} s (stages {_stage_text(res['stages'])})", flush=True)
-    _check_outputs(Path(outs[-1]), photos, "gpu_kquant.pipeline.run")
+    _check_outputs(Path(outs[-1]), photos, "gpu_kquant.engine_local.run_local")
     stages = {s: statistics.fmean(res["stages"].get(s, 0.0) for res in runs) for s in STAGES}
     threads = f"{runs[0]['workers']} decode + {runs[0]['workers']} encode threads on {runs[0]['device']}"
     if bound_of is None:
-        tool, what = "gpu_kquant pipeline.run", f"`gpu_kquant.pipeline.run(Config(...))` in a fresh process, {threads}"
+        tool, what = (
+            "gpu_kquant pipeline.run",
+            f"`engine_local.run_local(...)` in a fresh process, {threads}",
+        )
     else:
         tool = "decode + encode only"
         what = f"the same pipeline, quantization replaced by a lookup of finished results, {threads}"
@@ -608,11 +608,11 @@ HOW_MEASURED = """\
   indexed PNGs into a fresh folder each run; seconds are the median of `--repeats` runs.
 - gpu_kquant CLI: wall clock of the whole `python -m gpu_kquant` process (interpreter and torch start-up,
   folder walk, decode, quantize, encode, report). The targets use this figure.
-- gpu_kquant pipeline.run: `Summary.seconds` of `gpu_kquant.pipeline.run(Config(...))` in a freshly
+- gpu_kquant pipeline.run: `Summary.seconds` of `gpu_kquant.engine_local.run_local(...)` in a freshly
   spawned process (start-up and imports excluded); the stage split is `Summary.stage_seconds`, seconds
   summed over the threads of each stage (so it can exceed the wall clock), mean over runs.
 - Decode + encode only: the same pipeline (same threads, batching, decode, encode and atomic writes)
-  with `gpu_kquant.pipeline.quantize_items` replaced, in its own process, by a lookup of the palette and
+  with `gpu_kquant.worker.quantize_items` replaced, in its own process, by a lookup of the palette and
   indices gpu_kquant already wrote for each photo; the pipeline's throughput as a share of this is how
   close it comes to the bound (target 90 % on a GPU; informative on the CPU, where quantization is the
   work).
@@ -647,7 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tmp)
         print("gpu_kquant command line", flush=True)
         results.append(run_cli(folder, photos, work, args))
-        print("gpu_kquant.pipeline.run", flush=True)
+        print("gpu_kquant.engine_local.run_local", flush=True)
         inproc = run_in_process(folder, photos, work, args)
         results.append(inproc)
         print("decode + encode only (quantization replaced by a lookup)", flush=True)
@@ -694,7 +694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         markdown_table(rows, RESULT_COLUMNS),
         "\n".join([*(f"- {m.tool}: {m.what}" for m in results), *(f"- note: {n}" for n in notes)]),
         "## Where gpu_kquant's time goes",
-        f"`gpu_kquant.pipeline.run`, {inproc.what.split(', ', 1)[1]}; throughput "
+        f"`gpu_kquant.engine_local.run_local`, {inproc.what.split(', ', 1)[1]}; throughput "
         f"{by_tool[inproc.tool]['images_per_s'] / by_tool[bound.tool]['images_per_s']:.1%} of the decode + "
         "encode only run.",
         _stages_markdown(inproc, bound),

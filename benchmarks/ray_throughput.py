@@ -20,6 +20,7 @@ processes (raylet, object store, decode workers) also take CPU from quantizing: 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
 import os
@@ -92,14 +93,15 @@ def digest(root: Path) -> dict[str, str]:
 
 
 def timed_run(engine: Callable[[Any, Any], Any], folder: Path, out: Path, args: argparse.Namespace) -> dict:
-    """One run of ``engine(job, config)`` into a fresh ``out``; wall time around the call."""
-    from gpu_kquant.pipeline import Config, prepare
+    """One run of ``engine(job, run)`` into a fresh ``out``; wall time around the call."""
+    from gpu_kquant.options import EngineOptions, FitOptions, OutputOptions, RunOptions
+    from gpu_kquant.planning import plan_job
 
     shutil.rmtree(out, ignore_errors=True)
-    config = Config(inputs=[folder], k=args.k, out=out, device=args.device, quiet=True)
-    job = prepare(config)
+    run = RunOptions((folder,), FitOptions(k=args.k), OutputOptions(out=out), EngineOptions(device=args.device))
+    job = plan_job(run)
     start = time.perf_counter()
-    summary = engine(job, config)
+    summary = engine(job, run)
     seconds = time.perf_counter() - start
     if summary.failed or summary.interrupted:
         raise RuntimeError(f"run into {out} did not finish cleanly: {dict(summary.counts)}")
@@ -113,8 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         print("this benchmark needs Ray: pip install -e '.[ray]'", file=sys.stderr)
         return 2
-    from gpu_kquant.pipeline import execute
-    from gpu_kquant.ray import run_job
+    from gpu_kquant.engine_local import run_local
+    from gpu_kquant.engine_ray import run_on_ray
+    from gpu_kquant.process import configure_process
+
+    # The process entry, as the CLI's: single-threaded torch for the local engine's CPU quantizers
+    # (the Ray driver only plans and collects rows; its actors set their own).
+    configure_process(single_threaded_torch=True)
 
     started = time.time()
     info = machine_info()
@@ -130,9 +137,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
     ray_start = time.perf_counter() - t0
-    engines: dict[str, Callable[[Any, Any], Any]] = {"local": execute}
+
+    def on_ray(workers: int) -> Callable[[Any, Any], Any]:
+        def engine(job: Any, run: Any) -> Any:
+            return run_on_ray(
+                job, dataclasses.replace(run, engine=dataclasses.replace(run.engine, ray_workers=workers))
+            )
+
+        return engine
+
+    engines: dict[str, Callable[[Any, Any], Any]] = {"local": run_local}
     for n in args.workers:
-        engines[f"ray, {n} worker{'s' if n > 1 else ''}"] = lambda job, config, n=n: run_job(job, config, workers=n)
+        engines[f"ray, {n} worker{'s' if n > 1 else ''}"] = on_ray(n)
     runs: dict[str, list[dict]] = {name: [] for name in engines}
     try:
         for engine in engines.values():  # warm-up: imports, first calls, Ray's task workers
@@ -188,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"default options, each run into a fresh output folder; median of {args.repeats} run(s), engines taking "
         f"turns, after one 2-image warm-up run each. Ray was started once before the runs ({ray_start:.1f} s, not "
         "counted); every Ray run includes starting its quantize actors (a new process importing PyTorch). "
-        "Seconds are wall time around `execute` / `run_job`.",
+        "Seconds are wall time around `run_local` / `run_on_ray`.",
     ]
     write_markdown(md, args.out, stem, started)
     print(markdown_table(rows, columns))

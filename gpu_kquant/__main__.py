@@ -1,5 +1,5 @@
 """``python -m gpu_kquant``: the command line."""
 
-from .cli import main
+from .cli import command
 
-raise SystemExit(main())
+command()

@@ -9,23 +9,29 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 from . import __version__
+from .control import Progress
 from .datasets.cli import add_dataset_arguments, run_datasets
 from .device import resolve_device
-from .io import FORMATS
+from .dither import DITHERS
+from .engine_local import run_local
+from .imagefiles import FORMATS
+from .options import EngineOptions, FitOptions, OutputOptions, RunOptions, default_workers
 from .palette import Palette, PaletteFileError
-from .pipeline import Config, JobError, execute, prepare
-from .quantize import DITHERS, SPACES
-from .report import RunLock, check_report_path
+from .planning import Job, JobError, plan_job
+from .process import configure_process
+from .report import RunLock, Summary, check_report_path
+from .spaces import SPACES
 
-__all__ = ["build_parser", "main"]
+__all__ = ["ENGINES", "build_parser", "command", "main", "run_options"]
 
 DEMO_OUT = Path("gpu_kquant_demo")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -74,6 +80,17 @@ def _quality(text: str) -> tuple[float, float]:
     return low, high
 
 
+def _ray_engine(job: Job, run: RunOptions, progress: Progress) -> Summary:
+    from .engine_ray import run_on_ray  # optional dependency, imported only when asked for
+
+    return run_on_ray(job, run, progress)
+
+
+Engine = Callable[[Job, RunOptions, Progress], Summary]
+ENGINES: dict[str, Engine] = {"local": run_local, "ray": _ray_engine}
+"""``--engine`` choices: each runs a planned job and returns its summary."""
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show a flag's default unless its help already says it or there is none to show."""
 
@@ -99,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=_HelpFormatter,
     )
+    _add_run_flags(parser)
+    _add_output_flags(parser)
+    _add_engine_flags(parser)
+    add_dataset_arguments(parser)  # shards, Parquet and tokens (gpu_kquant.datasets)
+    return parser
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """Inputs, outputs, resume and sharding."""
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image files and/or folders (walked recursively)")
     parser.add_argument(
         "-k",
@@ -121,9 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="images per batched k-means (default: 16 on CUDA, 4 on the CPU)",
     )
-    parser.add_argument(
-        "--workers", type=_positive, default=max(1, os.cpu_count() or 1), help="decode and encode threads each"
-    )
+    parser.add_argument("--workers", type=_positive, default=default_workers(), help="decode and write threads each")
     parser.add_argument("--overwrite", action="store_true", help="redo inputs whose output already exists")
     parser.add_argument(
         "--report", type=Path, default=None, help="JSON-lines report (default: OUT/gpu_kquant_report.jsonl)"
@@ -136,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="process only shard I of N, 0-based (default: all inputs)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """What is written and how palettes are fitted."""
     parser.add_argument(
         "--compress-level",
         type=int,
@@ -188,9 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-iter", type=_positive, default=300, help="Lloyd iterations at most (lower is faster)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed and device, same output")
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Engines, the demo and the version."""
     parser.add_argument(
         "--engine",
-        choices=("local", "ray"),
+        choices=tuple(ENGINES),
         default="local",
         help="local threads, or a Ray cluster (needs the 'ray' extra)",
     )
@@ -209,26 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--demo", action="store_true", help=f"quantize the bundled sample photos into ./{DEMO_OUT}/")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    add_dataset_arguments(parser)
-    return parser
 
 
-def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
-    inputs = [Path(p) for p in args.inputs]
-    if args.demo and inputs:
-        parser.error("--demo quantizes the bundled samples; give no INPUT with it")
-    if args.quality is not None and args.palette is not None:
-        parser.error("--quality picks k per image and --palette fixes the colours; use one of them")
-    k_given = args.k is not None
-    args.k = 16 if args.k is None else args.k
-    if args.demo:
-        inputs = [Path(str(resources.files("gpu_kquant") / "samples"))]
-        args.out = args.out or DEMO_OUT
-    if not inputs:
-        parser.error("give at least one INPUT folder or file (or --demo)")
-    for path in inputs:
-        if not path.exists():
-            parser.error(f"input not found: {path}")
+def _check_k(args: argparse.Namespace, parser: argparse.ArgumentParser, k_given: bool) -> None:
+    """-k and a palette file's size fit the output format; -k beside a palette file of another size warns."""
     top = 1 << 16 if args.format == "npz" else 256
     if not 2 <= args.k <= top:
         parser.error(f"-k must be between 2 and {top} for --format {args.format}, got {args.k}")
@@ -244,45 +260,80 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config
         if k_given and args.k != size:
             warning = f"-k {args.k} is ignored: palette {args.palette} has {size} colours"
             print(f"gpu-kquant: warning: {warning}", file=sys.stderr)
+
+
+def run_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> RunOptions:
+    """The run's typed options from the parsed flags (usage errors exit 2); ``-k`` unset means 16."""
+    inputs = [Path(p) for p in args.inputs]
+    if args.demo and inputs:
+        parser.error("--demo quantizes the bundled samples; give no INPUT with it")
+    if args.quality is not None and args.palette is not None:
+        parser.error("--quality picks k per image and --palette fixes the colours; use one of them")
+    k_given = args.k is not None
+    args.k = 16 if args.k is None else args.k
+    out = args.out
+    if args.demo:
+        inputs = [Path(str(resources.files("gpu_kquant") / "samples"))]
+        out = out or DEMO_OUT
+    if not inputs:
+        parser.error("give at least one INPUT folder or file (or --demo)")
+    for path in inputs:
+        if not path.exists():
+            parser.error(f"input not found: {path}")
+    _check_k(args, parser, k_given)
     device = args.device
     if args.engine == "local":  # a Ray driver may have no GPU while its workers do
         try:
             device = str(resolve_device(args.device))
         except ValueError as exc:
             parser.error(str(exc))
-    return Config(
-        inputs=inputs,
-        k=args.k,
-        out=args.out,
-        fmt=args.format,
-        device=device,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        overwrite=args.overwrite,
-        report=args.report,
-        shard=args.shard,
-        quiet=args.quiet,
+    fit = FitOptions(k=args.k, space=args.space, seed=args.seed, n_init=args.n_init, max_iter=args.max_iter)
+    output = OutputOptions(
+        out=out,
+        format=args.format,
         compress_level=args.compress_level,
-        max_pixels=args.max_pixels,
-        seed=args.seed,
-        space=args.space,
-        dither=args.dither,
+        report=args.report,
         palette=args.palette,
+        dither=args.dither,
         quality=args.quality,
+        overwrite=args.overwrite,
         skip_if_larger=args.skip_if_larger,
         ciede2000=args.ciede2000,
         preview=args.preview,
-        quantize_options={"n_init": args.n_init, "max_iter": args.max_iter},
     )
+    engine = EngineOptions(
+        engine=args.engine,
+        device=device,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        max_pixels=args.max_pixels,
+        shard=args.shard,
+        ray_address=args.ray_address,
+        ray_workers=args.ray_workers,
+    )
+    return RunOptions(tuple(inputs), fit, output, engine)
+
+
+def _progress_bar(bar: tqdm) -> Progress:
+    """A progress callback that moves ``bar`` and shows megapixels per second."""
+    pixels = [0]
+
+    def progress(images: int, px: int) -> None:
+        pixels[0] += px
+        elapsed = bar.format_dict["elapsed"] or 1e-9
+        bar.set_postfix_str(f"{pixels[0] / 1e6 / elapsed:.1f} MP/s", refresh=False)
+        bar.update(images)
+
+    return progress
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
-    # The pipeline enforces --max-pixels itself with a clear per-file reason.
-    Image.MAX_IMAGE_PIXELS = max(args.max_pixels, Image.MAX_IMAGE_PIXELS or 0)
-    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    # The process entry: what this process needs, set once (library code never does). The
+    # decoders enforce --max-pixels themselves with a clear per-file reason.
+    configure_process(max_pixels=args.max_pixels)
     k_given = args.k is not None
     args.k = 16 if args.k is None else args.k
     datasets_code, args.inputs = run_datasets(args, parser)  # shards and Parquet; returns the other inputs
@@ -293,33 +344,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main_images(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """The image-file pipeline over ``args.inputs``."""
-    config = _config(args, parser)
+    """The image-file engines over ``args.inputs``; returns the exit code."""
+    run = run_options(args, parser)
+    cpu_threads = run.engine.engine == "local" and torch.device(run.engine.device or "cpu").type == "cpu"
+    configure_process(single_threaded_torch=cpu_threads)
     run_lock: RunLock | None = None
     try:
         try:
-            job = prepare(config)
+            job = plan_job(run)
             check_report_path(job.report, [t.src for t in job.tasks if t.src.name == job.report.name])
             run_lock = RunLock(job.report).acquire()  # held to the end; refuses a concurrent run (exit 2)
         except ValueError as exc:
             parser.error(str(exc))
-        with tqdm(total=len(job.tasks), unit="img", disable=config.quiet, file=sys.stderr, dynamic_ncols=True) as bar:
-            pixels = [0]
-
-            def progress(images: int, px: int) -> None:
-                pixels[0] += px
-                elapsed = bar.format_dict["elapsed"] or 1e-9
-                bar.set_postfix_str(f"{pixels[0] / 1e6 / elapsed:.1f} MP/s", refresh=False)
-                bar.update(images)
-
-            if args.engine == "ray":
-                try:
-                    from .ray import run_job  # optional dependency, imported only when asked for
-                except ModuleNotFoundError as exc:
-                    parser.error(str(exc))
-                summary = run_job(job, config, address=args.ray_address, progress=progress, workers=args.ray_workers)
-            else:
-                summary = execute(job, config, progress)
+        with tqdm(total=len(job.tasks), unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True) as bar:
+            try:
+                summary = ENGINES[run.engine.engine](job, run, _progress_bar(bar))
+            except ModuleNotFoundError as exc:
+                if exc.name != "ray":
+                    raise
+                parser.error(str(exc))
     except KeyboardInterrupt:
         print("gpu_kquant: interrupted before any work started", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -332,8 +375,22 @@ def _main_images(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     for line in summary.lines():
         print(line, file=sys.stderr)
     print(f"  report: {job.report}", file=sys.stderr)
-    if args.demo:
-        print(f"Demo outputs are in {config.out.resolve()}/", file=sys.stderr)
+    if args.demo and run.output.out is not None:
+        print(f"Demo outputs are in {run.output.out.resolve()}/", file=sys.stderr)
     if summary.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def command() -> None:
+    """The process entry (``gpu-kquant``, ``python -m gpu_kquant``): :func:`main`, then exit.
+
+    After an interrupt every output write has finished and the report is closed, so the
+    process ends at once instead of waiting for a k-means batch nobody will use.
+    """
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)

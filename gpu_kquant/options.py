@@ -1,16 +1,28 @@
 """Typed, frozen options that travel whole from the CLI to the engine.
 
 ``FitOptions`` says how a palette is fitted (it reaches :func:`gpu_kquant.kmeans.kmeans`
-unchanged); the pipeline adds its own option objects beside it. ``None`` fields mean
+unchanged); ``OutputOptions`` (what is written) and ``EngineOptions`` (where it is
+computed) travel beside it inside ``RunOptions``. ``None`` fields mean
 "the measured default for this k" and are filled in by :meth:`FitOptions.resolved`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
-__all__ = ["SPACES", "FitOptions", "auto_fit_points", "auto_n_init"]
+__all__ = [
+    "SPACES",
+    "EngineOptions",
+    "FitOptions",
+    "OutputOptions",
+    "RunOptions",
+    "auto_fit_points",
+    "auto_n_init",
+    "default_workers",
+]
 
 SPACES = ("rgb", "oklab", "lab")
 
@@ -86,3 +98,80 @@ class FitOptions:
     def with_k(self, k: int) -> FitOptions:
         """The same options for another palette size (``--quality`` searches over k)."""
         return dataclasses.replace(self, k=k)
+
+
+def default_workers() -> int:
+    """Decode and write threads: one per core (Pillow and zlib release the GIL)."""
+    return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What a run writes, where, and the policies that decide whether it writes.
+
+    Attributes:
+        out: output folder (``None``: ``DIR_k<k>`` beside each input folder).
+        format: output format, a key of :data:`gpu_kquant.imagefiles.ENCODERS`.
+        compress_level: zlib level for PNG (``None``: the measured default).
+        report: JSON-lines report (``None``: ``OUT/gpu_kquant_report.jsonl``).
+        palette: ``"shared"`` (one palette fitted on every input), a palette file, or ``None``.
+        dither: ``none``, ``fs`` or ``ordered`` (see :data:`gpu_kquant.dither.DITHERS`).
+        quality: (minimum, target) PSNR in dB: the smallest k reaching the target, and no
+            output below the minimum.
+        overwrite: redo inputs whose output exists (default: skip them, so a rerun resumes).
+        skip_if_larger: never write an output larger than its input.
+        ciede2000: add the mean CIEDE2000 to every row.
+        preview: write the HTML gallery (one input file: a side-by-side PNG).
+    """
+
+    out: Path | None = None
+    format: str = "png"
+    compress_level: int | None = None
+    report: Path | None = None
+    palette: str | None = None
+    dither: str = "none"
+    quality: tuple[float, float] | None = None
+    overwrite: bool = False
+    skip_if_larger: bool = False
+    ciede2000: bool = False
+    preview: bool = False
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Where and how a run computes; none of it changes what is written.
+
+    Attributes:
+        engine: ``local`` (threads on this machine) or ``ray`` (a Ray cluster).
+        device: ``auto``/``None``, ``cpu``, ``cuda`` or ``cuda:N``.
+        workers: decode threads and as many write threads.
+        batch_size: images per batched k-means (``None``: :func:`gpu_kquant.control.default_batch_size`).
+        batch_pixels: a k-means batch closes at this many pixels, whatever its image count.
+        max_pixels: inputs above this many pixels fail with a clear reason (``None``: no limit).
+        shard: ``(index, count)``: process only this deterministic part of the inputs.
+        ray_address: Ray cluster to join (``None``: start a local Ray).
+        ray_workers: quantize actors on Ray (``None``: one per GPU, or 1).
+    """
+
+    engine: str = "local"
+    device: str | None = None
+    workers: int = field(default_factory=default_workers)
+    batch_size: int | None = None
+    batch_pixels: int = 64_000_000
+    max_pixels: int | None = None
+    shard: tuple[int, int] = (0, 1)
+    ray_address: str | None = None
+    ray_workers: int | None = None
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """One run: its inputs and the three option groups, built once (by the CLI) and never changed."""
+
+    inputs: tuple[Path, ...]
+    fit: FitOptions = FitOptions()
+    output: OutputOptions = OutputOptions()
+    engine: EngineOptions = EngineOptions()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(Path(p) for p in self.inputs))

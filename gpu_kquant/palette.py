@@ -21,7 +21,7 @@ from PIL import Image
 
 from .colors import ColorSet, color_set, pack, unpack
 from .device import resolve_device
-from .io import encode_png
+from .imagefiles import encode_png
 from .quantize import SPACES, Quantized, fit_palette, map_to_palette, to_tensor
 
 __all__ = ["ColorHistogram", "Palette", "PaletteFileError"]

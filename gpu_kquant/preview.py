@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import html
+import io
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .io import write_atomic
+from .imagefiles import write_atomic
 
 __all__ = ["Gallery", "side_by_side", "thumbnail_pair"]
 
@@ -33,8 +35,6 @@ def _thumb(pixels: np.ndarray) -> Image.Image:
 
 
 def _save(img: Image.Image, path: Path) -> None:
-    import io
-
     buf = io.BytesIO()
     if img.mode == "RGBA":
         img.save(buf, "PNG")
@@ -60,8 +60,6 @@ def side_by_side(original: np.ndarray, quantized: np.ndarray, path: Path) -> Non
     canvas = Image.new(mode, (2 * w + 8, h), (255, 255, 255, 255) if mode == "RGBA" else (255, 255, 255))
     canvas.paste(Image.fromarray(original).convert(mode), (0, 0))
     canvas.paste(Image.fromarray(quantized).convert(mode), (w + 8, 0))
-    import io
-
     buf = io.BytesIO()
     canvas.save(buf, "PNG")
     write_atomic(path, buf.getvalue())
@@ -75,13 +73,13 @@ class Gallery:
         self._lock = threading.Lock()
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def add(self, entry: dict) -> None:
+    def add(self, entry: dict[str, Any]) -> None:
         with self._lock, open(self.dir / ENTRIES, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
 
-    def entries(self) -> list[dict]:
+    def entries(self) -> list[dict[str, Any]]:
         """Every entry recorded so far, the latest one per input, in input order."""
-        latest: dict[str, dict] = {}
+        latest: dict[str, dict[str, Any]] = {}
         path = self.dir / ENTRIES
         if path.exists():
             for line in path.read_text(encoding="utf-8").splitlines():
@@ -112,7 +110,7 @@ def _size(n: int | None) -> str:
     return f"{n / 1024:.1f} KB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MB"
 
 
-def _card(entry: dict) -> str:
+def _card(entry: dict[str, Any]) -> str:
     esc = html.escape
     swatches = "".join(f'<i style="background:{esc(c)}" title="{esc(c)}"></i>' for c in entry.get("palette", []))
     saving = ""
@@ -134,7 +132,7 @@ def _card(entry: dict) -> str:
     )
 
 
-def _page(title: str, entries: list[dict], page: int, pages: int, total: int) -> str:
+def _page(title: str, entries: list[dict[str, Any]], page: int, pages: int, total: int) -> str:
     nav = " ".join(f'<a href="{_page_name(p)}"{" class=here" if p == page else ""}>{p + 1}</a>' for p in range(pages))
     cards = "\n".join(_card(e) for e in entries)
     return f"""<!doctype html>

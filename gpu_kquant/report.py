@@ -19,8 +19,9 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from .imagefiles import TEMP_PREFIX
 from .preview import Gallery
 
 try:
@@ -70,7 +71,7 @@ class Row:
     # The run that wrote the row (set by ReportWriter): rows of resumed runs accumulate.
     run: str | None = None
     # What the --preview gallery shows of this image; not written to the report.
-    preview: dict | None = field(default=None, repr=False, compare=False)
+    preview: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -85,7 +86,7 @@ class Row:
 class Summary:
     """Totals of a run, filled as rows arrive."""
 
-    counts: Counter = field(default_factory=Counter)
+    counts: Counter[str] = field(default_factory=Counter)
     bytes_in: int = 0
     bytes_out: int = 0
     pixels: int = 0
@@ -94,7 +95,7 @@ class Summary:
     ciede_sum: float = 0.0
     ciede_n: int = 0
     seconds: float = 0.0
-    stage_seconds: Counter = field(default_factory=Counter)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     interrupted: bool = False
     ignored: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -102,7 +103,7 @@ class Summary:
     def add_stage(self, stage: str, seconds: float) -> None:
         """Add time spent in a pipeline stage (thread-safe)."""
         with self._lock:
-            self.stage_seconds[stage] += seconds
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
     def add(self, row: Row) -> None:
         self.counts[row.status] += 1
@@ -162,8 +163,8 @@ class ReportError(ValueError):
     """The report cannot be used (a folder, not a report, an input, or locked by another run); one line."""
 
 
-LOCK_PREFIX = ".gpu_kquant-"
-"""Lock files start like io.TEMP_PREFIX, so the input walk skips them."""
+LOCK_PREFIX = TEMP_PREFIX
+"""Lock files start like temporary files (imagefiles.TEMP_PREFIX), so the input walk skips them."""
 
 _SNIFF_BYTES = 1 << 20
 
@@ -213,7 +214,7 @@ def check_report_path(path: Path, inputs: Iterable[Path] = ()) -> None:
         raise ReportError(f"{path} exists and is not a gpu_kquant report; refusing to overwrite it")
 
 
-_HELD: dict[str, list] = {}  # lock file -> [open file, holders]: re-entry within one process
+_HELD: dict[str, list[Any]] = {}  # lock file -> [open file, holders]: re-entry within one process
 _HELD_GUARD = threading.Lock()
 
 

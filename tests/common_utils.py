@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 needs_cuda = pytest.mark.needs_cuda
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,3 +107,34 @@ def linear_rgb_icc() -> bytes:
     )
     assert len(header) == 128
     return header + struct.pack(">I", len(tags)) + table + body
+
+
+def read_report(path: Path) -> dict[str, dict]:
+    """Report rows keyed by input file name."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {Path(r["input"]).name: r for r in rows}
+
+
+def digest(root: Path) -> dict[str, str]:
+    """SHA-256 of every regular file under ``root`` by relative path."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def small_folder(tmp_path: Path, names: tuple[str, ...] = ("chelsea", "coffee", "astronaut")) -> Path:
+    """``tmp_path/in`` with a 120x160 crop of each named photo as PNG."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in names:
+        Image.fromarray(photo(name)[:120, :160]).save(src / f"{name}.png")
+    return src
+
+
+def plte(path: Path) -> bytes:
+    """The PLTE chunk of a PNG file."""
+    data = path.read_bytes()
+    at = data.index(b"PLTE")
+    return data[at - 4 : at + 4 + int.from_bytes(data[at - 4 : at], "big")]

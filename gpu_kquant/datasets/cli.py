@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..io import IMAGE_EXTENSIONS
+from ..imagefiles import IMAGE_EXTENSIONS
 from ..options import FitOptions
 from ..palette import Palette
-from ..pipeline import remove_stale_temps, shard_of
+from ..planning import remove_stale_temps, shard_of
 from ..report import ReportWriter, Summary
 from .options import OUTPUT_FORMATS, DatasetOptions
 from .resize import RESIZE_MODES, parse_size

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import Decoded, DecodeError, encode, load_image
+from ..imagefiles import Decoded, DecodeError, encode, load_image
 from ..options import FitOptions
 from ..quantize import Quantized, map_to_palette, quantize_batch
 
@@ -22,7 +22,7 @@ __all__ = ["DecodeError", "Decoded", "decode_bytes", "encode_image", "fit_kwargs
 
 
 def decode_bytes(data: bytes, *, max_pixels: int | None = None) -> Decoded:
-    """Decode an in-memory image with the project's decoder (:func:`gpu_kquant.io.load_image`).
+    """Decode an in-memory image with the project's decoder (:func:`gpu_kquant.imagefiles.load_image`).
 
     ``load_image`` takes a path, so the bytes go into an anonymous in-memory file
     (``memfd`` on Linux; a temporary file elsewhere) and it reads that; the decode

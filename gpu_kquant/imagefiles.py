@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import secrets
 import struct
-import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "ENCODERS",
     "FORMATS",
     "IMAGE_EXTENSIONS",
     "DecodeError",
@@ -54,18 +56,8 @@ IMAGE_EXTENSIONS = frozenset(
         ".qoi",
     }
 )
-FORMATS = ("png", "gif", "webp", "npz")
 TEMP_PREFIX = ".gpu_kquant-"
 _TRANSPARENT_MODES = {"RGBA", "LA", "La", "PA", "RGBa"}
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
 
 
 class DecodeError(Exception):
@@ -352,6 +344,54 @@ def _palette_image(palette: np.ndarray, indices: np.ndarray) -> Image.Image:
     return img
 
 
+def _has_alpha(palette: np.ndarray) -> bool:
+    return palette.shape[1] == 4 and bool((palette[:, 3] < 255).any())
+
+
+def _encode_npz(palette: np.ndarray, indices: np.ndarray, compress_level: int | None, notes: list[str]) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, indices=indices, palette=palette)
+    return buf.getvalue()
+
+
+def _encode_png(palette: np.ndarray, indices: np.ndarray, compress_level: int | None, notes: list[str]) -> bytes:
+    return encode_png(palette, indices, compress_level)
+
+
+def _encode_gif(palette: np.ndarray, indices: np.ndarray, compress_level: int | None, notes: list[str]) -> bytes:
+    buf = io.BytesIO()
+    img = _palette_image(palette, indices)
+    if _has_alpha(palette):
+        if bool(((palette[:, 3] > 0) & (palette[:, 3] < 255)).any()):
+            notes.append("GIF keeps only full transparency: partial alpha became opaque")
+        img.save(buf, "GIF", optimize=False, transparency=int(np.argmin(palette[:, 3])))
+    else:
+        img.save(buf, "GIF", optimize=False)
+    return buf.getvalue()
+
+
+def _encode_webp(palette: np.ndarray, indices: np.ndarray, compress_level: int | None, notes: list[str]) -> bytes:
+    buf = io.BytesIO()
+    has_alpha = _has_alpha(palette)
+    img = _palette_image(palette, indices)
+    img = img.convert("RGBA") if has_alpha else img.convert("RGB")
+    if has_alpha:
+        img.putalpha(Image.fromarray(palette[:, 3][indices]))
+    img.save(buf, "WEBP", lossless=True, quality=100, method=4, exact=True)
+    return buf.getvalue()
+
+
+Encoder = Callable[[np.ndarray, np.ndarray, int | None, list[str]], bytes]
+"""``encoder(palette, indices, compress_level, notes) -> file bytes``; appends what the format could not keep."""
+
+ENCODERS: dict[str, Encoder] = {"png": _encode_png, "gif": _encode_gif, "webp": _encode_webp, "npz": _encode_npz}
+"""Output formats (``--format``) and their encoders."""
+
+FORMATS = tuple(ENCODERS)
+
+_MAX_COLORS = {"npz": 1 << 16}  # every other format holds a 256-entry palette at most
+
+
 def encode(
     fmt: str, palette: np.ndarray, indices: np.ndarray, *, compress_level: int | None = None
 ) -> tuple[bytes, list[str]]:
@@ -364,50 +404,38 @@ def encode(
     Returns:
         The file bytes and notes about anything the format could not keep.
     """
-    notes: list[str] = []
-    if fmt == "npz":
-        buf = io.BytesIO()
-        np.savez_compressed(buf, indices=indices, palette=palette)
-        return buf.getvalue(), notes
-    if palette.shape[0] > 256:
-        raise ValueError(f"{fmt} holds at most 256 colours, got {palette.shape[0]}")
-    if fmt == "png":
-        return encode_png(palette, indices, compress_level), notes
-    buf = io.BytesIO()
-    has_alpha = palette.shape[1] == 4 and bool((palette[:, 3] < 255).any())
-    if fmt == "gif":
-        img = _palette_image(palette, indices)
-        options = {}
-        if has_alpha:
-            clear = int(np.argmin(palette[:, 3]))
-            options["transparency"] = clear
-            if bool(((palette[:, 3] > 0) & (palette[:, 3] < 255)).any()):
-                notes.append("GIF keeps only full transparency: partial alpha became opaque")
-        img.save(buf, "GIF", optimize=False, **options)
-    elif fmt == "webp":
-        img = _palette_image(palette, indices)
-        img = img.convert("RGBA") if has_alpha else img.convert("RGB")
-        if has_alpha:
-            img.putalpha(Image.fromarray(palette[:, 3][indices]))
-        img.save(buf, "WEBP", lossless=True, quality=100, method=4, exact=True)
-    else:
+    encoder = ENCODERS.get(fmt)
+    if encoder is None:
         raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
-    return buf.getvalue(), notes
+    if palette.shape[0] > _MAX_COLORS.get(fmt, 256):
+        raise ValueError(f"{fmt} holds at most 256 colours, got {palette.shape[0]}")
+    notes: list[str] = []
+    return encoder(palette, indices, compress_level, notes), notes
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+def _create_temp(folder: Path) -> tuple[int, str]:
+    """A new temporary file in ``folder``, created with mode 0o666 less the umask (as any new file)."""
+    while True:
+        path = os.path.join(folder, f"{TEMP_PREFIX}{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:  # pragma: no cover - 64 random bits
+            continue
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file renamed into place.
 
     A reader (or a killed run) never sees a partly written file; the temporary file
-    lives in the destination folder so the rename is atomic.
+    lives in the destination folder so the rename is atomic. The file gets the usual
+    permissions (the kernel applies the umask), so the umask is never read or changed.
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=dest.parent)
+    fd, tmp = _create_temp(dest.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):

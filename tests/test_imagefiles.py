@@ -11,7 +11,7 @@ import pytest
 from common_utils import linear_rgb_icc, photo
 from PIL import Image, ImageCms
 
-from gpu_kquant.io import DecodeError, encode, encode_png, load_image, write_atomic
+from gpu_kquant.imagefiles import DecodeError, encode, encode_png, load_image, write_atomic
 
 
 def save(img: Image.Image, path: Path, fmt: str | None = None, **options: object) -> Path:
@@ -274,7 +274,7 @@ def test_pixel_limit_is_checked_before_decoding(tmp_path: Path, monkeypatch: pyt
     """A small file of many pixels (a decompression bomb) is refused from its header, never decoded."""
     from PIL import ImageFile
 
-    from gpu_kquant.io import estimated_decoded_bytes
+    from gpu_kquant.imagefiles import estimated_decoded_bytes
 
     path = save(Image.new("L", (4000, 3000)), tmp_path / "bomb.png")
     assert path.stat().st_size < 100_000

@@ -7,11 +7,13 @@ imports PyTorch).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,12 +23,16 @@ ray = pytest.importorskip("ray")
 from common_utils import cli, needs_cuda, photo  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import gpu_kquant.ray as gray  # noqa: E402
-from gpu_kquant.io import TEMP_PREFIX  # noqa: E402
-from gpu_kquant.pipeline import Config, Item, execute, prepare  # noqa: E402
+import gpu_kquant.engine_ray as gray  # noqa: E402
+import gpu_kquant.ray_session as rsession  # noqa: E402
+from gpu_kquant.engine_local import run_local  # noqa: E402
+from gpu_kquant.engine_ray import WorkerActor, resources, run_on_ray  # noqa: E402
+from gpu_kquant.imagefiles import TEMP_PREFIX  # noqa: E402
+from gpu_kquant.options import EngineOptions, FitOptions, OutputOptions, RunOptions  # noqa: E402
+from gpu_kquant.planning import plan_job  # noqa: E402
 from gpu_kquant.quantize import Quantized  # noqa: E402
-from gpu_kquant.ray import Quantizer, resources, run_job  # noqa: E402
 from gpu_kquant.report import Row, Summary  # noqa: E402
+from gpu_kquant.worker import Item, Worker  # noqa: E402
 
 REPORT = "gpu_kquant_report.jsonl"
 BAD = {"empty.png", "corrupt.jpg", "truncated.png", "text.png"}
@@ -108,8 +114,21 @@ def rows(out: Path, tree: Path) -> dict[str, dict]:
     return result
 
 
-def ray_run(config: Config, **kwargs: object) -> Summary:
-    return run_job(prepare(config), config, **kwargs)
+def options(tree: Path, out: Path | None = None, k: int = 8, **engine: Any) -> RunOptions:
+    """A run over ``tree`` into ``out`` at ``k`` colours; ``engine`` fields as keywords."""
+    return RunOptions((tree,), FitOptions(k=k), OutputOptions(out=out), EngineOptions(**engine))
+
+
+def with_palette(run: RunOptions, palette: str) -> RunOptions:
+    return dataclasses.replace(run, output=dataclasses.replace(run.output, palette=palette))
+
+
+def ray_run(run: RunOptions, **kwargs: Any) -> Summary:
+    return run_on_ray(plan_job(run), run, **kwargs)
+
+
+def local_run(run: RunOptions) -> Summary:
+    return run_local(plan_job(run), run)
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +140,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def local(tree: Path) -> Path:
     """The local engine's outputs for ``tree`` (k=8)."""
     out = tree.parent / "local"
-    config = Config(inputs=[tree], k=8, out=out)
-    summary = execute(prepare(config), config)
+    summary = local_run(options(tree, out))
     assert summary.counts["ok"] == 46 and summary.counts["failed"] == len(BAD)
     return out
 
@@ -130,7 +148,7 @@ def local(tree: Path) -> Path:
 def test_same_outputs_and_report_as_local(ray_cluster: str, tree: Path, local: Path) -> None:
     out = tree.parent / "ray"
     seen = []
-    summary = ray_run(Config(inputs=[tree], k=8, out=out), progress=lambda n, px: seen.append((n, px)))
+    summary = ray_run(options(tree, out), progress=lambda n, px: seen.append((n, px)))
     assert_same_outputs(out, local)
     assert len(outputs(out)) == 46
     assert rows(out, tree) == rows(local, tree)
@@ -147,7 +165,7 @@ def test_resume_skips_existing_outputs(
     ray_cluster: str, tree: Path, local: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tree.parent / "resume"
-    config = Config(inputs=[tree], k=8, out=out)
+    config = options(tree, out)
     written = list(outputs(local))
     for rel in written[:-3]:  # a run killed after most outputs were written
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -161,11 +179,12 @@ def test_resume_skips_existing_outputs(
     def no_ray(*args: object) -> None:
         raise AssertionError("Ray was used with nothing to do")
 
-    monkeypatch.setattr(gray, "_run", no_ray)
+    monkeypatch.setattr(gray, "_process_on_ray", no_ray)
     good = make_tree(tree.parent / "good", n=3, bad=False)
-    config = Config(inputs=[good], k=8, out=tree.parent / "good_out")
+    good_out = tree.parent / "good_out"
+    config = options(good, good_out)
     for rel in ("img00.jpg", "a/img01.png", "b/c/img02.png"):
-        dst = (config.out / rel).with_suffix(".png")
+        dst = (good_out / rel).with_suffix(".png")
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(b"done before")
     assert ray_run(config).counts == {"skipped": 3}
@@ -173,8 +192,8 @@ def test_resume_skips_existing_outputs(
 
 def test_shared_palette_same_as_local(ray_cluster: str, tmp_path: Path) -> None:
     small = make_tree(tmp_path / "small", n=8, bad=False)
-    configs = {name: Config(inputs=[small], k=8, out=tmp_path / name, palette="shared") for name in ("local", "ray")}
-    execute(prepare(configs["local"]), configs["local"])
+    configs = {name: with_palette(options(small, tmp_path / name), "shared") for name in ("local", "ray")}
+    local_run(configs["local"])
     summary = ray_run(configs["ray"])
     assert summary.counts == {"ok": 8}
     assert (tmp_path / "ray" / "palette.json").exists()
@@ -184,11 +203,12 @@ def test_shared_palette_same_as_local(ray_cluster: str, tmp_path: Path) -> None:
 def test_shared_histogram_is_a_ray_reduce_equal_to_the_local_one(ray_cluster: str, tmp_path: Path) -> None:
     import torch
 
-    from gpu_kquant.pipeline import plan_tasks, shared_histogram
+    from gpu_kquant.engine_local import shared_histogram
+    from gpu_kquant.planning import plan_tasks
     from gpu_kquant.ray import ray_histogram
 
     tree = make_tree(tmp_path / "tree", n=12)  # RGB, RGBA, grey and bad files
-    config = Config(inputs=[tree], k=8)
+    config = options(tree)
     tasks = plan_tasks(config)[0]
     local = shared_histogram(tasks, config, torch.device("cpu"))
     remote = ray_histogram(tasks, config, torch.device("cpu"))
@@ -201,28 +221,31 @@ def test_shared_histogram_is_a_ray_reduce_equal_to_the_local_one(ray_cluster: st
 @needs_cuda
 def test_gpu_actors_same_as_local(ray_cluster: str, tree: Path, tmp_path: Path) -> None:
     assert ray.cluster_resources().get("GPU", 0) >= 1
-    configs = {name: Config(inputs=[tree], k=8, out=tmp_path / name, device="cuda") for name in ("local", "ray")}
-    execute(prepare(configs["local"]), configs["local"])
+    configs = {name: options(tree, tmp_path / name, device="cuda") for name in ("local", "ray")}
+    local_run(configs["local"])
     summary = ray_run(configs["ray"])
     assert summary.counts == {"ok": 46, "failed": len(BAD)}
     assert_same_outputs(tmp_path / "ray", tmp_path / "local")
     assert rows(tmp_path / "ray", tree) == rows(tmp_path / "local", tree)
 
 
-def crashing(marker: Path, victim: str, always: bool = False) -> type[Quantizer]:
+def crashing(marker: Path, victim: str, always: bool = False) -> type[WorkerActor]:
     """A quantize actor whose process dies (``os._exit``) at ``victim``: once, or every time.
 
     Before dying it leaves a half-written temporary file, as a write cut short would.
     """
 
-    class Crashing(Quantizer):
-        def encode(self, item: Item, result: Quantized | Exception) -> Row:
+    class CrashingWorker(Worker):
+        def write(self, item: Item, result: Quantized | Exception) -> Row:
             if item.task.src.name == victim and (always or not marker.exists()):
                 marker.write_text(str(os.getpid()))
                 item.task.dst.parent.mkdir(parents=True, exist_ok=True)
                 (item.task.dst.parent / f"{TEMP_PREFIX}crash.tmp").write_bytes(b"\x89PNG partial")
                 os._exit(1)
-            return super().encode(item, result)
+            return super().write(item, result)
+
+    class Crashing(WorkerActor):
+        worker_class = CrashingWorker
 
     return Crashing
 
@@ -237,7 +260,7 @@ def assert_complete(out: Path, expected: set[str]) -> None:
 def test_killed_worker_is_retried_and_outputs_are_complete(ray_cluster: str, tree: Path, local: Path) -> None:
     out = tree.parent / "crash"
     marker = tree.parent / "crashed-once"
-    summary = ray_run(Config(inputs=[tree], k=8, out=out), workers=1, quantizer=crashing(marker, "img10.png"))
+    summary = ray_run(options(tree, out, ray_workers=1), actor=crashing(marker, "img10.png"))
     assert marker.exists(), "the actor never crashed"
     assert summary.counts == {"ok": 46, "failed": len(BAD)}
     assert_complete(out, set(outputs(local)))
@@ -252,12 +275,12 @@ def test_input_that_always_kills_its_worker_fails_alone(
     bound and the driver waited on Ray without a timeout: now restarts are bounded, and a stall
     gives failed rows (and this test a clean failure) instead of a hang."""
     monkeypatch.setattr(gray, "RETRIES", 0)  # keep it short: one attempt per pass
-    monkeypatch.setattr(gray, "STALL_SECONDS", 200.0)  # a stall fails this test before its timeout
+    monkeypatch.setattr(rsession, "STALL_SECONDS", 200.0)  # a stall fails this test before its timeout
     small = make_tree(tmp_path / "small", n=8, bad=False)
     out = tmp_path / "out"
     victim = "img05.png"
-    quantizer = crashing(tmp_path / "marker", victim, always=True)
-    summary = ray_run(Config(inputs=[small], k=8, out=out), workers=1, quantizer=quantizer)
+    actor = crashing(tmp_path / "marker", victim, always=True)
+    summary = ray_run(options(small, out, ray_workers=1), actor=actor)
     assert summary.counts == {"ok": 7, "failed": 1}
     report = rows(out, small)
     lost = [r for r in report.values() if r["status"] == "failed"]
@@ -267,29 +290,39 @@ def test_input_that_always_kills_its_worker_fails_alone(
 
 @pytest.mark.parametrize("parallel_groups", [True, False], ids=["cpu-threads", "gpu-style"])
 def test_stages_in_process(tmp_path: Path, parallel_groups: bool) -> None:
-    """decode_files and Quantizer called directly (no Ray): the same rows and bytes as the local engine.
+    """The worker actor called directly (no Ray): the same rows and bytes as the local engine.
 
-    With one batch in task order and the local engine's batch size, both engines form the
-    same k-means batches. ``gpu-style`` runs the GPU actor's path (groups one after another,
-    encoders in threads) on the CPU.
+    ``gpu-style`` runs the GPU actor's path (groups one after another on one quantizer
+    thread, writes in threads) on the CPU.
     """
+    import torch
+
+    from gpu_kquant.engine_local import shared_histogram
+    from gpu_kquant.runsetup import setup_run
+
     small = make_tree(tmp_path / "small", n=7)
-    local = Config(inputs=[small], k=8, out=tmp_path / "local", batch_size=2)
-    execute(prepare(local), local)
-    config = Config(inputs=[small], k=8, out=tmp_path / "direct", batch_size=2)
-    tasks = prepare(config).tasks
+    local_run(options(small, tmp_path / "local", batch_size=2))
+    config = options(small, tmp_path / "direct", batch_size=2)
+    job = plan_job(config)
+    tasks = job.tasks
     batch = {
         "i": np.arange(len(tasks)),
         "src": np.asarray([str(t.src) for t in tasks], dtype=object),
         "dst": np.asarray([str(t.dst) for t in tasks], dtype=object),
         "key": np.asarray([t.key for t in tasks], dtype=object),
     }
-    quantizer = Quantizer(config, "cpu", threads=2, sub_batch=2)
-    quantizer.parallel_groups = parallel_groups
-    result = quantizer(gray.decode_files(batch, config, Image.MAX_IMAGE_PIXELS))
+    setup = setup_run(job, config, torch.device("cpu"), shared_histogram)
+    threads = torch.get_num_threads()
+    try:
+        actor = WorkerActor(setup, "cpu", threads=2, sub_batch=2)  # makes this process single-threaded
+    finally:
+        torch.set_num_threads(threads)
+    if not parallel_groups:
+        actor.worker = Worker(setup, "cpu", io_threads=2, quantizers=1, group_size=2)
+    result = actor(batch)
     assert list(result["i"]) == list(range(len(tasks)))
     assert (result["decode_s"] >= 0).all() and (result["encode_s"] >= 0).all()
-    (tmp_path / "direct" / REPORT).write_text("".join(gray._row_from_json(r).to_json() + "\n" for r in result["row"]))
+    (tmp_path / "direct" / REPORT).write_text("".join(gray.row_from_json(r).to_json() + "\n" for r in result["row"]))
     assert rows(tmp_path / "direct", small) == rows(tmp_path / "local", small)
     assert_same_outputs(tmp_path / "direct", tmp_path / "local")
 
@@ -354,34 +387,37 @@ def test_waits_on_ray_are_bounded() -> None:
 
     t0 = time.monotonic()
     seen = []
-    with pytest.raises(gray._Stalled):
-        for item in gray._batches_within(stuck(), 1.0):
+    with pytest.raises(rsession.Stalled):
+        for item in rsession.batches_within(stuck(), 1.0):
             seen.append(item)
     assert seen == [1] and time.monotonic() - t0 < 30
     release.set()
-    assert list(gray._batches_within(iter(range(5)), 5.0)) == [0, 1, 2, 3, 4]
+    assert list(rsession.batches_within(iter(range(5)), 5.0)) == [0, 1, 2, 3, 4]
 
     def failing() -> Iterator[int]:
         yield 1
         raise RuntimeError("worker died")
 
     with pytest.raises(RuntimeError, match="worker died"):
-        list(gray._batches_within(failing(), 5.0))
+        list(rsession.batches_within(failing(), 5.0))
 
 
-def hanging(seconds: float) -> type[Quantizer]:
-    """A quantize actor that hangs once (for ``seconds``), like a worker stuck in a driver call."""
+def hanging(seconds: float) -> type[WorkerActor]:
+    """A worker actor that hangs once (for ``seconds``), like a worker stuck in a driver call."""
 
-    class Hanging(Quantizer):
+    class HangingWorker(Worker):
         slept = False
 
-        def encode(self, item: Item, result: Quantized | Exception) -> Row:
+        def write(self, item: Item, result: Quantized | Exception) -> Row:
             import time
 
-            if not Hanging.slept:
-                Hanging.slept = True
+            if not HangingWorker.slept:
+                HangingWorker.slept = True
                 time.sleep(seconds)
-            return super().encode(item, result)
+            return super().write(item, result)
+
+    class Hanging(WorkerActor):
+        worker_class = HangingWorker
 
     return Hanging
 
@@ -393,10 +429,10 @@ def test_a_stalled_job_ends_with_failed_rows_instead_of_hanging(
     """Last in the module: its stuck actor holds a CPU of the shared local Ray until its sleep ends."""
     import time
 
-    monkeypatch.setattr(gray, "STALL_SECONDS", 45.0)
+    monkeypatch.setattr(rsession, "STALL_SECONDS", 45.0)
     small = make_tree(tmp_path / "small", n=4, bad=False)
     t0 = time.monotonic()
-    summary = ray_run(Config(inputs=[small], k=8, out=tmp_path / "out"), workers=1, quantizer=hanging(75))
+    summary = ray_run(options(small, tmp_path / "out", ray_workers=1), actor=hanging(75))
     assert time.monotonic() - t0 < 300
     assert summary.counts == {"failed": 4}
     reasons = {r["reason"] for r in rows(tmp_path / "out", small).values()}

@@ -1,0 +1,169 @@
+"""What both engines share: stopping, emitting rows, the batching rule and the thread policy.
+
+One definition of each control concept; the local and the Ray engine only differ in
+how they get tasks to a :class:`gpu_kquant.worker.Worker` and its rows back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
+
+import torch
+
+from .planning import Job
+from .preview import Gallery
+from .report import ReportWriter, Row, Summary
+from .runsetup import RunSetup
+
+__all__ = [
+    "Progress",
+    "RowEmitter",
+    "StageClock",
+    "Stopped",
+    "batch_groups",
+    "call_size",
+    "default_batch_size",
+    "even_group_size",
+    "open_report",
+    "quantizer_threads",
+    "sigterm_stops",
+    "stoppable",
+]
+
+T = TypeVar("T")
+
+Progress = Callable[[int, int], None]
+"""``progress(images, pixels)``, called as inputs finish."""
+
+# Big batches feed a GPU; on the CPU small ones keep every quantizer thread busy.
+_DEFAULT_BATCH = {"cuda": 16, "cpu": 4}
+
+
+def default_batch_size(device: torch.device | str) -> int:
+    """Images per batched k-means when ``--batch-size`` is not given: 16 on CUDA, 4 on the CPU."""
+    kind = torch.device(device).type
+    return _DEFAULT_BATCH.get(kind, _DEFAULT_BATCH["cpu"])
+
+
+def quantizer_threads(device: torch.device | str, cpus: int | None = None) -> int:
+    """Quantizer threads for one device: one on CUDA; on the CPU one per core.
+
+    Multi-threaded torch ops wait at a barrier for every thread, so any other busy
+    thread on the machine (our own decoders included) stalls every op; single-threaded
+    quantizers working on different batches keep all cores busy instead. The process
+    entry makes torch single-threaded (:func:`gpu_kquant.process.configure_process`).
+    """
+    if torch.device(device).type == "cuda":
+        return 1
+    return max(1, cpus if cpus is not None else os.cpu_count() or 1)
+
+
+def call_size(group_size: int, quantizers: int, device: torch.device | str) -> int:
+    """Tasks per worker call: one group on a GPU; on the CPU two groups per quantizer thread.
+
+    A call waits for its slowest thread, so two groups per thread even the threads out.
+    """
+    if torch.device(device).type == "cuda":
+        return group_size
+    return group_size * quantizers * 2
+
+
+def batch_groups(items: Sequence[T], size: int, max_pixels: int, pixels: Callable[[T], int]) -> list[list[T]]:
+    """Consecutive groups of at most ``size`` items; a group also closes at ``max_pixels`` pixels."""
+    groups: list[list[T]] = []
+    group: list[T] = []
+    total = 0
+    for item in items:
+        group.append(item)
+        total += pixels(item)
+        if len(group) >= size or total >= max_pixels:
+            groups.append(group)
+            group, total = [], 0
+    if group:
+        groups.append(group)
+    return groups
+
+
+def even_group_size(size: int, count: int, threads: int) -> int:
+    """A group size that gives each of ``threads`` quantizers work even for a short call of ``count`` items."""
+    return max(1, min(size, math.ceil(count / threads)))
+
+
+class StageClock:
+    """Seconds spent per stage (decode, quantize, encode), summed over threads; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds: dict[str, float] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def take(self) -> dict[str, float]:
+        """The seconds so far, and a fresh start."""
+        with self._lock:
+            out, self.seconds = self.seconds, {}
+        return out
+
+
+def open_report(job: Job, setup: RunSetup, summary: Summary) -> ReportWriter:
+    """The report writer of a run, with the preview gallery attached when asked for."""
+    summary.ignored = job.ignored
+    gallery = Gallery(setup.preview.folder) if setup.preview is not None else None
+    return ReportWriter(job.report, summary, gallery)
+
+
+class RowEmitter:
+    """Writes each row to the report and tells the progress callback (thread-safe through the report)."""
+
+    def __init__(self, report: ReportWriter, progress: Progress | None = None) -> None:
+        self.report = report
+        self.progress = progress
+
+    def __call__(self, row: Row) -> None:
+        self.report.write(row)
+        if self.progress is not None:
+            self.progress(1, (row.width or 0) * (row.height or 0) if row.status == "ok" else 0)
+
+
+class Stopped(Exception):
+    """Raised in the main thread by SIGTERM so that a run stops like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """Inside, SIGTERM (a scheduler's stop) raises :class:`Stopped` in the main thread; restored after.
+
+    The one signal handler gpu_kquant installs, and only for the duration of a run;
+    outside the main thread it does nothing (Python delivers signals there only).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Stopped()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def stoppable(summary: Summary, stop: threading.Event) -> Iterator[None]:
+    """Run the body so that Ctrl-C or SIGTERM ends it early: ``stop`` is set and the summary says interrupted."""
+    try:
+        with sigterm_stops():
+            yield
+    except (KeyboardInterrupt, Stopped):
+        stop.set()
+        summary.interrupted = True

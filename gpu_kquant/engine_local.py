@@ -1,0 +1,149 @@
+"""The local engine: one :class:`~gpu_kquant.worker.Worker` per device of this machine.
+
+The tasks of each device go to its worker in consecutive calls, a few in flight so
+that one call decodes while another quantizes and a third writes; each row is reported
+as soon as it is ready. With several GPUs each one gets its own deterministic part of the
+tasks (the ``--shard`` split) and all share the report. Memory is bounded by the calls
+in flight, not by the number of inputs.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from .control import Progress, RowEmitter, StageClock, call_size, open_report, stoppable
+from .device import resolve_device
+from .options import EngineOptions, RunOptions
+from .palette import ColorHistogram
+from .planning import Job, Task, remove_stale_temps, split_tasks
+from .report import Row, Summary
+from .rows import precheck
+from .runsetup import setup_run
+from .worker import Worker, read_task
+
+__all__ = ["devices_for", "run_local", "shared_histogram"]
+
+# Calls in flight per device: on the CPU one decodes while one quantizes (each call
+# holds two groups per quantizer thread); on a GPU one decodes, one quantizes, one writes.
+_IN_FLIGHT = {"cpu": 2, "cuda": 3}
+
+
+def devices_for(engine: EngineOptions) -> list[torch.device]:
+    """Devices a run uses: every GPU when ``--device cuda`` names none and there are several."""
+    device = resolve_device(engine.device)
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [device]
+
+
+def shared_histogram(tasks: list[Task], run: RunOptions, device: torch.device) -> ColorHistogram:
+    """First pass of ``--palette shared``: the exact colour histogram summed over all inputs.
+
+    Files are decoded on a thread pool with bounded prefetch, so memory stays flat;
+    undecodable files are left out here and get their failed row in the second pass.
+    """
+    hist = ColorHistogram(device)
+    workers = run.engine.workers
+    with ThreadPoolExecutor(workers, thread_name_prefix="gpu_kquant-histogram") as pool:
+        pending: collections.deque[Future[object]] = collections.deque()
+
+        def drain(limit: int) -> None:
+            while len(pending) > limit:
+                try:
+                    hist.add(pending.popleft().result().decoded.pixels)  # type: ignore[attr-defined]
+                except Exception:
+                    continue
+
+        for task in tasks:
+            pending.append(pool.submit(read_task, task, run.engine.max_pixels))
+            drain(2 * workers)
+        drain(0)
+    return hist
+
+
+def _feed(worker: Worker, tasks: list[Task], emit: Callable[[Row], None]) -> None:
+    """Run ``tasks`` through ``worker`` in consecutive calls, a few in flight; rows are emitted as they are ready."""
+    size = call_size(worker.group_size, worker.quantizers, worker.device)
+    in_flight = _IN_FLIGHT.get(worker.device.type, 2)
+    calls = ThreadPoolExecutor(in_flight, thread_name_prefix="gpu_kquant-call")
+    pending: collections.deque[Future[list[Row]]] = collections.deque()
+    try:
+        for start in range(0, len(tasks), size):
+            if worker.stop.is_set():
+                return
+            pending.append(calls.submit(worker.process, tasks[start : start + size], emit))
+            while len(pending) >= in_flight:
+                pending.popleft().result()
+        while pending:
+            pending.popleft().result()
+    except BaseException:
+        worker.stop.set()  # queued work is dropped; running writes finish (they are atomic)
+        raise
+    finally:
+        calls.shutdown(wait=not worker.stop.is_set(), cancel_futures=True)
+
+
+def _run_workers(workers: list[Worker], parts: list[list[Task]], emit: Callable[[Row], None]) -> None:
+    """Each worker on its part: in this thread for one device, else one feeding thread per device."""
+    if len(workers) == 1:
+        _feed(workers[0], parts[0], emit)
+        return
+    pool = ThreadPoolExecutor(len(workers), thread_name_prefix="gpu_kquant-device")
+    try:
+        futures = [pool.submit(_feed, w, part, emit) for w, part in zip(workers, parts)]
+        for future in futures:
+            future.result()
+    except BaseException:
+        workers[0].stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=not workers[0].stop.is_set(), cancel_futures=True)
+
+
+def run_local(job: Job, run: RunOptions, progress: Progress | None = None) -> Summary:
+    """Run a planned job on this machine, writing its report; returns the summary.
+
+    Ctrl-C (or SIGTERM) stops early and still returns the summary (``interrupted``): queued
+    work is dropped, running writes finish, a batch still in k-means is abandoned. On the
+    CPU, each quantizer thread is best single-threaded in torch: the process entry sets
+    that (:func:`gpu_kquant.process.configure_process`, as the CLI does).
+    """
+    start = time.perf_counter()
+    remove_stale_temps(job.roots)
+    devices = devices_for(run.engine)
+    setup = setup_run(job, run, devices[0], shared_histogram)
+    summary = Summary()
+    report = open_report(job, setup, summary)
+    emit = RowEmitter(report, progress)
+    stop, clock = threading.Event(), StageClock()
+    # decode and write share one pool: ``workers`` threads for each, as --workers says
+    io_threads = 2 * run.engine.workers
+    workers = [
+        Worker(setup, d, io_threads=io_threads, group_size=run.engine.batch_size, stop=stop, clock=clock)
+        for d in devices
+    ]
+    try:
+        with stoppable(summary, stop):
+            inputs = {t.src.resolve() for t in job.tasks}
+            todo: list[Task] = []
+            for task in job.tasks:
+                row = precheck(task, run.output, setup.fit.k, inputs)
+                if row is None:
+                    todo.append(task)
+                else:
+                    emit(row)
+            parts = split_tasks(todo, len(workers), sharded=run.engine.shard[1] > 1) if len(workers) > 1 else [todo]
+            _run_workers(workers, parts, emit)
+    finally:
+        for worker in workers:
+            worker.close()
+        report.close()
+        summary.stage_seconds.update(clock.take())
+        summary.seconds = time.perf_counter() - start
+    return summary

@@ -1,0 +1,40 @@
+"""Report rows that need no image: skipped, failed, and the decode failure of one task.
+
+One definition each, used by every engine and by the worker.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .imagefiles import DecodeError
+from .options import OutputOptions
+from .planning import Task
+from .report import Row
+
+__all__ = ["decode_failure_row", "failed_row", "precheck"]
+
+
+def failed_row(task: Task, k: int, reason: str, **extra: Any) -> Row:
+    """A failed row with a one-line reason."""
+    return Row(str(task.src), str(task.dst), "failed", reason=reason, k=k, **extra)
+
+
+def decode_failure_row(task: Task, k: int, exc: Exception) -> Row:
+    """The failed row of an input that could not be decoded (a :class:`DecodeError` carries its reason)."""
+    if isinstance(exc, DecodeError):
+        return failed_row(task, k, str(exc))
+    return failed_row(task, k, f"cannot decode: {type(exc).__name__}: {exc}")
+
+
+def precheck(task: Task, output: OutputOptions, k: int, inputs: set[Path]) -> Row | None:
+    """The row of a task that needs no work (its output exists) or must not run, else None.
+
+    ``inputs`` are the resolved paths of every input of the run: an output never replaces one.
+    """
+    if task.dst.resolve() in inputs:
+        return failed_row(task, k, "output path is an input file; choose another -o or --format")
+    if task.dst.exists() and not output.overwrite:
+        return Row(str(task.src), str(task.dst), "skipped", reason="output exists", k=k)
+    return None

@@ -1,0 +1,116 @@
+"""What a run decides once, on the driver, before any image is processed.
+
+The fixed palette (``--palette FILE`` or ``shared``) and where previews go become one
+frozen :class:`RunSetup` that every worker receives whole (a Ray actor once, in its
+constructor). Options never change after the CLI built them; decided values live here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .fitting import fit_shared_palette
+from .imagefiles import TEMP_PREFIX
+from .options import FitOptions, OutputOptions, RunOptions
+from .palette import ColorHistogram, Palette
+from .planning import Job, JobError, Task, all_shards, plan_tasks
+
+__all__ = ["PALETTE_FILES", "HistogramPass", "PreviewTarget", "RunSetup", "resolve_palette", "setup_run"]
+
+PALETTE_FILES = ("palette.json", "palette.npy", "palette.gpl")
+
+HistogramPass = Callable[[list[Task], RunOptions, torch.device], ColorHistogram]
+"""The ``--palette shared`` first pass of an engine: every input's colours summed exactly."""
+
+
+@dataclass(frozen=True)
+class PreviewTarget:
+    """Where preview files go: a gallery folder, or (one input file) a side-by-side PNG beside the output."""
+
+    folder: Path
+    side_by_side: bool
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """Everything a worker needs, decided once per run.
+
+    Attributes:
+        fit: the fit options (``k`` is the fixed palette's size when there is one).
+        output: what is written and the policies.
+        palette: the fixed palette every image maps to, or ``None`` (fit one per image).
+        preview: where previews go, or ``None``.
+        max_pixels: inputs above this many pixels fail (``None``: no limit).
+        batch_pixels: a k-means batch closes at this many pixels.
+    """
+
+    fit: FitOptions
+    output: OutputOptions
+    palette: Palette | None = None
+    preview: PreviewTarget | None = None
+    max_pixels: int | None = None
+    batch_pixels: int = 64_000_000
+
+    @property
+    def space(self) -> str:
+        """The colour space of the mapping: the fixed palette's, else the fit's."""
+        return self.palette.space if self.palette is not None else self.fit.space
+
+
+def _save_palette(palette: Palette, out_dir: Path) -> None:
+    """Write palette.json, .npy and .gpl atomically (a temporary name renamed into place)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in PALETTE_FILES:
+        suffix = Path(name).suffix
+        tmp = (out_dir / f"{TEMP_PREFIX}{os.getpid()}-{name}").with_suffix(suffix)
+        palette.save(tmp)
+        os.replace(tmp, out_dir / name)
+
+
+def resolve_palette(job: Job, run: RunOptions, device: torch.device, histogram: HistogramPass) -> Palette | None:
+    """The fixed palette of this run (``--palette FILE`` or ``shared``), or None.
+
+    A shared palette already saved in the output folder is reused (so a resumed run
+    maps to the same palette); otherwise it is fitted on the histogram of every input,
+    over all shards (``histogram`` runs that pass: local threads, or Ray), and saved as
+    palette.json, palette.npy and palette.gpl.
+    """
+    choice = run.output.palette
+    if choice is None:
+        return None
+    if choice != "shared":
+        path = Path(choice)
+        try:
+            return Palette.load(path, space=None if path.suffix.lower() == ".json" else run.fit.space)
+        except (OSError, ValueError, KeyError) as exc:
+            raise JobError(f"cannot read palette {path}: {exc}") from None
+    saved = job.out_dir / PALETTE_FILES[0]
+    if saved.exists() and not run.output.overwrite:
+        return Palette.load(saved)
+    everything, _, _ = plan_tasks(all_shards(run))
+    hist = histogram(everything, run, device)
+    if hist.pixels == 0:
+        raise JobError("no decodable image to fit a shared palette on")
+    palette = fit_shared_palette(hist, run.fit, device)
+    _save_palette(palette, job.out_dir)
+    return palette
+
+
+def setup_run(job: Job, run: RunOptions, device: torch.device, histogram: HistogramPass) -> RunSetup:
+    """Decide the fixed palette and the preview target of a planned run."""
+    single_file = len(run.inputs) == 1 and run.inputs[0].is_file()
+    preview = None
+    if run.output.preview:
+        if single_file and job.tasks:
+            preview = PreviewTarget(job.tasks[0].dst.parent, side_by_side=True)
+        else:
+            preview = PreviewTarget(job.out_dir / "preview", side_by_side=False)
+    palette = resolve_palette(job, run, device, histogram)
+    fit = run.fit if palette is None else dataclasses.replace(run.fit, k=len(palette))
+    return RunSetup(fit, run.output, palette, preview, run.engine.max_pixels, run.engine.batch_pixels)

@@ -1,0 +1,196 @@
+"""The worker: a list of tasks in, their report rows out. Both engines call exactly this.
+
+For each task: decode (:func:`read_task`), quantize in batches on the device with
+dithering included (:func:`quantize_items`), then guards, atomic write, CIEDE2000 and
+preview (:func:`gpu_kquant.writing.write_result`). Decoding and writing run on
+``io_threads`` threads (Pillow and zlib release the GIL); quantization runs on
+``quantizers`` threads (one on CUDA, one per core on the CPU), one group of images per
+batched k-means. A bad file only ever gives a failed row.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from .control import StageClock, batch_groups, default_batch_size, even_group_size, quantizer_threads
+from .device import resolve_device
+from .fitting import map_images, quantize_images, reach_quality
+from .imagefiles import load_image
+from .planning import Task
+from .quantize import Quantized
+from .report import Row
+from .rows import decode_failure_row, failed_row
+from .runsetup import RunSetup
+from .writing import Item, write_result
+
+__all__ = ["Item", "Worker", "add_pixel_shares", "quantize_items", "read_task"]
+
+Result = Quantized | Exception
+RowSink = Callable[[Row], None]
+
+
+def read_task(task: Task, max_pixels: int | None) -> Item:
+    """Decode one input; raises :class:`~gpu_kquant.imagefiles.DecodeError` with the reason."""
+    t0 = time.perf_counter()
+    decoded = load_image(task.src, max_pixels=max_pixels)
+    return Item(task, decoded, task.src.stat().st_size, time.perf_counter() - t0)
+
+
+def _quantize(pixels: list[np.ndarray], setup: RunSetup, device: torch.device) -> list[Quantized]:
+    dither = setup.output.dither
+    if setup.palette is not None:
+        return map_images(pixels, setup.palette, dither=dither, device=device)
+    if setup.output.quality is not None:
+        target = setup.output.quality[1]
+        return [reach_quality(px, setup.fit, target, dither=dither, device=device) for px in pixels]
+    return quantize_images(pixels, setup.fit, dither=dither, device=device)
+
+
+def quantize_items(items: list[Item], setup: RunSetup, device: torch.device) -> list[Result]:
+    """One batched quantization (fixed palette, ``--quality`` search or a fit per image).
+
+    A failing batch is retried image by image, so only the culprit gets an exception.
+    """
+    pixels = [item.decoded.pixels for item in items]
+    try:
+        return list(_quantize(pixels, setup, device))
+    except Exception:
+        results: list[Result] = []
+        for px in pixels:
+            try:
+                results.append(_quantize([px], setup, device)[0])
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+
+def add_pixel_shares(items: list[Item], seconds: float) -> None:
+    """Charge each item its pixel share of a batch's ``seconds``."""
+    total = sum(item.pixels for item in items) or 1
+    for item in items:
+        item.seconds += seconds * item.pixels / total
+
+
+class Worker:
+    """Turns tasks into rows on one device; thread-safe, so calls may overlap.
+
+    Args:
+        setup: what the run decided (options, fixed palette, preview target).
+        device: where to quantize.
+        io_threads: decode and write threads.
+        quantizers: quantize threads (default: :func:`~gpu_kquant.control.quantizer_threads`).
+        group_size: images per batched k-means (default: :func:`~gpu_kquant.control.default_batch_size`).
+        stop: once set, calls finish early and return the rows they have.
+        clock: where stage seconds are added.
+    """
+
+    def __init__(
+        self,
+        setup: RunSetup,
+        device: torch.device | str | None,
+        *,
+        io_threads: int,
+        quantizers: int | None = None,
+        group_size: int | None = None,
+        stop: threading.Event | None = None,
+        clock: StageClock | None = None,
+    ) -> None:
+        self.setup = setup
+        self.device = resolve_device(device)
+        self.quantizers = quantizers or quantizer_threads(self.device)
+        self.group_size = group_size or default_batch_size(self.device)
+        self.stop = stop or threading.Event()
+        self.clock = clock or StageClock()
+        self._io = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="gpu_kquant-io")
+        self._quantize_pool = ThreadPoolExecutor(self.quantizers, thread_name_prefix="gpu_kquant-quantize")
+
+    def read(self, task: Task) -> Item | Row:
+        """The decoded task, or its failed row."""
+        t0 = time.perf_counter()
+        try:
+            return read_task(task, self.setup.max_pixels)
+        except Exception as exc:
+            return decode_failure_row(task, self.setup.fit.k, exc)
+        finally:
+            self.clock.add("decode", time.perf_counter() - t0)
+
+    def quantize(self, group: list[Item]) -> list[Result]:
+        """Quantize one group; each item is charged its pixel share of the time."""
+        t0 = time.perf_counter()
+        results = quantize_items(group, self.setup, self.device)
+        seconds = time.perf_counter() - t0
+        add_pixel_shares(group, seconds)
+        self.clock.add("quantize", seconds)
+        return results
+
+    def write(self, item: Item, result: Result) -> Row:
+        """Guard, write and report one image (a method, so tests can make it fail)."""
+        t0 = time.perf_counter()
+        try:
+            return write_result(item, result, self.setup)
+        except Exception as exc:  # a preview or metric that failed must not lose the row
+            return failed_row(item.task, self.setup.fit.k, f"cannot finish output: {type(exc).__name__}: {exc}")
+        finally:
+            self.clock.add("encode", time.perf_counter() - t0)
+
+    def process(self, tasks: list[Task], on_row: RowSink | None = None) -> list[Row]:
+        """The rows of ``tasks``, in task order (fewer when the run was stopped).
+
+        ``on_row`` also gets each row the moment it is ready (from worker threads), so a
+        stopped run still reports every output it wrote.
+        """
+        rows: list[Row | None] = [None] * len(tasks)
+        try:
+            self._process(tasks, rows, on_row)
+        except (CancelledError, RuntimeError):
+            if not self.stop.is_set():  # a stop cancels queued work; anything else is a bug
+                raise
+        return [row for row in rows if row is not None]
+
+    def _process(self, tasks: list[Task], rows: list[Row | None], on_row: RowSink | None) -> None:
+        items: list[tuple[int, Item]] = []
+        for j, out in enumerate(self._io.map(self.read, tasks)):
+            if isinstance(out, Row):
+                rows[j] = out
+                if on_row is not None:
+                    on_row(out)
+            else:
+                items.append((j, out))
+        size = self.group_size
+        if self.quantizers > 1:  # a short call (the last one) still keeps every thread busy
+            size = even_group_size(size, len(items), self.quantizers)
+        groups = batch_groups(items, size, self.setup.batch_pixels, lambda pair: pair[1].pixels)
+        quantized = [self._quantize_pool.submit(self._quantize_unless_stopped, g) for g in groups]
+        writes: list[tuple[int, Future[Row]]] = []
+        for group, future in zip(groups, quantized):
+            results = future.result()
+            if results is None or self.stop.is_set():
+                break
+            writes += [
+                (j, self._io.submit(self._write_to, on_row, item, res)) for (j, item), res in zip(group, results)
+            ]
+        for j, written in writes:
+            rows[j] = written.result()
+
+    def _write_to(self, on_row: RowSink | None, item: Item, result: Result) -> Row:
+        row = self.write(item, result)
+        if on_row is not None:
+            on_row(row)
+        return row
+
+    def _quantize_unless_stopped(self, group: list[tuple[int, Item]]) -> list[Result] | None:
+        if self.stop.is_set():
+            return None
+        return self.quantize([item for _, item in group])
+
+    def close(self) -> None:
+        """Shut the threads down: wait for them, or after a stop drop what is queued."""
+        stopped = self.stop.is_set()
+        self._quantize_pool.shutdown(wait=not stopped, cancel_futures=stopped)
+        self._io.shutdown(wait=True, cancel_futures=stopped)

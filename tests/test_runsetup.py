@@ -1,0 +1,30 @@
+"""What a run decides once: the shared palette, fitted, saved, reused and re-applied."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common_utils import cli, plte, small_folder
+
+
+def test_shared_palette(tmp_path: Path) -> None:
+    src = small_folder(tmp_path)
+    out = tmp_path / "out"
+    result = cli(src, "-k", 16, "-o", out, "--palette", "shared", "--quiet")
+    assert result.returncode == 0, result.stderr
+    outputs = sorted(out.glob("*.png"))
+    assert len(outputs) == 3
+    assert len({plte(p) for p in outputs}) == 1  # byte-identical palettes
+    for name in ("palette.json", "palette.npy", "palette.gpl"):
+        assert (out / name).exists()
+    # A saved palette re-applied gives identical outputs.
+    again = tmp_path / "again"
+    assert cli(src, "-o", again, "--palette", out / "palette.json", "--quiet").returncode == 0
+    for path in outputs:
+        assert (again / path.name).read_bytes() == path.read_bytes()
+    # A resumed run reuses the saved palette instead of fitting a new one.
+    stamp = (out / "palette.json").stat().st_mtime_ns
+    (outputs[0]).unlink()
+    assert cli(src, "-k", 16, "-o", out, "--palette", "shared", "--quiet").returncode == 0
+    assert (out / "palette.json").stat().st_mtime_ns == stamp
+    assert outputs[0].read_bytes() == (again / outputs[0].name).read_bytes()

@@ -1,0 +1,83 @@
+"""The worker: tasks in, rows out, in task order; results do not depend on how tasks are grouped."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from common_utils import digest, photo
+from PIL import Image
+
+from gpu_kquant import quantize_batch
+from gpu_kquant.fitting import quantize_images
+from gpu_kquant.options import FitOptions, OutputOptions
+from gpu_kquant.planning import Task
+from gpu_kquant.runsetup import RunSetup
+from gpu_kquant.worker import Worker
+
+
+def tasks_for(tmp_path: Path, out: str) -> list[Task]:
+    src = tmp_path / "in"
+    if not src.exists():
+        src.mkdir()
+        for i in range(5):
+            Image.fromarray(np.roll(photo("chelsea")[:48, :64], 7 * i, axis=1)).save(src / f"{i}.png")
+        (src / "bad.png").write_bytes(b"not an image")
+    names = ["0.png", "bad.png", "1.png", "2.png", "3.png", "4.png"]
+    return [Task(src / n, tmp_path / out / n, n) for n in names]
+
+
+def setup(k: int = 6) -> RunSetup:
+    return RunSetup(FitOptions(k=k), OutputOptions())
+
+
+def test_rows_in_task_order_with_the_decode_failure(tmp_path: Path) -> None:
+    tasks = tasks_for(tmp_path, "a")
+    worker = Worker(setup(), "cpu", io_threads=2, quantizers=2, group_size=2)
+    try:
+        rows = worker.process(tasks)
+    finally:
+        worker.close()
+    assert [r.input for r in rows] == [str(t.src) for t in tasks]
+    assert [r.status for r in rows] == ["ok", "failed", "ok", "ok", "ok", "ok"]
+    assert "not a recognised image format" in (rows[1].reason or "")
+    for row in rows:
+        if row.status == "ok":
+            assert Path(row.output or "").stat().st_size == row.output_bytes
+            assert row.k == 6 and (row.colors or 0) <= 6 and (row.seconds or 0) > 0
+    assert set(worker.clock.take()) == {"decode", "quantize", "encode"}
+
+
+def test_grouping_does_not_change_any_output(tmp_path: Path) -> None:
+    for out, group, quantizers in (("one", 1, 1), ("four", 4, 2)):
+        worker = Worker(setup(), "cpu", io_threads=2, quantizers=quantizers, group_size=group)
+        try:
+            worker.process(tasks_for(tmp_path, out))
+        finally:
+            worker.close()
+    assert digest(tmp_path / "one") == digest(tmp_path / "four") and len(digest(tmp_path / "one")) == 5
+
+
+def test_a_stopped_worker_writes_nothing_more(tmp_path: Path) -> None:
+    stop = threading.Event()
+    stop.set()
+    worker = Worker(setup(), "cpu", io_threads=2, stop=stop)
+    try:
+        rows = worker.process(tasks_for(tmp_path, "stopped"))
+    finally:
+        worker.close()
+    assert [r.status for r in rows] == ["failed"]  # only the decode failure, found before the stop
+    assert not (tmp_path / "stopped").exists()
+
+
+@pytest.mark.parametrize("dither", ["none", "fs", "ordered"])
+def test_fit_options_reach_quantize_batch_whole(dither: str) -> None:
+    img = np.ascontiguousarray(photo("coffee")[:40, :56])
+    fit = FitOptions(k=7, space="oklab", seed=3, n_init=2, max_iter=50, tol=1e-3, max_fit_points=4096)
+    got = quantize_images([img], fit, dither=dither, device=torch.device("cpu"))[0]
+    kwargs = {"seed": 3, "n_init": 2, "max_iter": 50, "tol": 1e-3, "max_fit_points": 4096}
+    want = quantize_batch([img], 7, space="oklab", dither=dither, device="cpu", **kwargs)[0]
+    assert np.array_equal(got.palette, want.palette) and np.array_equal(got.indices, want.indices)
