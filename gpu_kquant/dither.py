@@ -180,9 +180,9 @@ def dither_strength(points: np.ndarray, plain: np.ndarray, edge: float) -> np.nd
     d2x = (padded[..., 1:-1, :-2] + padded[..., 1:-1, 2:] - 2 * x).abs().amax(1)
     d2y = (padded[..., :-2, 1:-1] + padded[..., 2:, 1:-1] - 2 * x).abs().amax(1)
     smooth = (1.0 - torch.maximum(d2x, d2y) / edge).clamp(0.0, 1.0)
-    smooth = -torch.nn.functional.max_pool2d(-smooth[None], 3, stride=1, padding=1)[0, 0].numpy()  # 3x3 erosion
-    smooth = np.where(smooth > 0, FLOOR + (1 - FLOOR) * smooth, 0.0)
-    return (smooth * _run_weight(plain)).astype(np.float32)
+    eroded = -torch.nn.functional.max_pool2d(-smooth[None], 3, stride=1, padding=1)[0, 0].numpy()  # 3x3 erosion
+    strength = np.where(eroded > 0, FLOOR + (1 - FLOOR) * eroded, 0.0)
+    return (strength * _run_weight(plain)).astype(np.float32)
 
 
 def _run_weight(plain: np.ndarray) -> np.ndarray:
