@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dither",
         choices=DITHERS,
         default="none",
-        help="fs: serpentine Floyd-Steinberg (CPU threads); ordered: 8x8 Bayer (on the device)",
+        help="fs: serpentine Floyd-Steinberg; adaptive: FS in flat areas only, not on edges; ordered: 8x8 Bayer",
     )
     parser.add_argument(
         "--palette",

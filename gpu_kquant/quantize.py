@@ -208,12 +208,41 @@ def _split(cs: ColorSet, space: ColorSpace) -> tuple[bool, _Group, _Group]:
     return bool((alpha == 0).any()), group(alpha == 255, 3), group((alpha > 0) & (alpha < 255), 4)
 
 
-def _share_k(k: int, groups: list[_Group]) -> list[int]:
-    """Split k entries between groups in proportion to (pixels x variance) ** 0.6.
+# _share_k estimates each group's error curve on at most this many of its colours.
+_SHARE_POINTS = 4096
 
-    That is the allocation minimising total distortion under the high-resolution
-    approximation (error of a 3-D group ~ N sigma^2 k^(-2/3)); every non-empty group
-    gets at least one entry and never more than its distinct colours.
+
+def _error_curve(group: _Group, most: int) -> torch.Tensor:
+    """Estimated squared error (most,) float64 of the group with 1..most entries.
+
+    Greedy farthest-point centres on the group's colours (a deterministic stride of at
+    most ``_SHARE_POINTS``, counts scaled to the whole group): the first centre is the
+    weighted mean, each next one the colour with the largest weighted error. An upper
+    bound of what k-means reaches, with the right shape at small k, where the
+    high-resolution rule N sigma^2 k^(-2/3) fails.
+    """
+    points, counts = group.points.double(), group.counts.double()
+    if points.shape[0] > _SHARE_POINTS:
+        idx = torch.linspace(0, points.shape[0] - 1, _SHARE_POINTS, device=points.device).long()
+        points, counts = points[idx], counts[idx] * (counts.sum() / counts[idx].sum())
+    mean = (counts[:, None] * points).sum(0) / counts.sum()
+    d2 = (points - mean).square().sum(1)
+    curve = torch.empty(most, dtype=torch.float64)
+    for m in range(most):
+        curve[m] = (counts * d2).sum()
+        far = int(torch.argmax(counts * d2))
+        d2 = torch.minimum(d2, (points - points[far]).square().sum(1))
+    return curve
+
+
+def _share_k(k: int, groups: list[_Group]) -> list[int]:
+    """Split k entries between groups (opaque, translucent) to minimise their estimated total error.
+
+    Every non-empty group gets one entry, then each further entry goes to the group whose
+    estimated error (:func:`_error_curve`) it lowers most; never more than a group's
+    distinct colours. The previous rule, shares in proportion to (pixels x variance)^0.6,
+    gave the few hundred translucent edge colours of an icon one or two entries and
+    measured 1.8x pngquant --nofs's premultiplied MSE on 12 Adwaita icons at k=16.
     """
     sizes = [g.colors.shape[0] for g in groups]
     live = [i for i, n in enumerate(sizes) if n]
@@ -221,22 +250,15 @@ def _share_k(k: int, groups: list[_Group]) -> list[int]:
     if len(live) == 1:
         share[live[0]] = min(k, sizes[live[0]])
         return share
-    mass = []
+    curves = {i: _error_curve(groups[i], min(k, sizes[i])) for i in live}
     for i in live:
-        g = groups[i]
-        w = g.counts.double()[:, None]
-        mean = (w * g.points).sum(0) / w.sum()
-        mass.append(float((w * (g.points - mean).square()).sum()) ** 0.6 + 1e-12)
-    for i, m in zip(live, mass):
-        share[i] = max(1, min(sizes[i], round(k * m / sum(mass))))
-    while sum(share) > k:
-        big = max(live, key=lambda i: share[i])
-        share[big] -= 1
-    spare = k - sum(share)
-    for i in sorted(live, key=lambda i: -mass[live.index(i)]):
-        extra = min(spare, sizes[i] - share[i])
-        share[i] += extra
-        spare -= extra
+        share[i] = 1
+    for _ in range(k - sum(share)):
+        gains = {i: float(curves[i][share[i] - 1] - curves[i][share[i]]) for i in live if share[i] < len(curves[i])}
+        if not gains:
+            break
+        best = max(gains, key=lambda i: (gains[i], -i))
+        share[best] += 1
     return share
 
 
@@ -366,9 +388,10 @@ def _finish(
         usage = torch.zeros(palette.shape[0], dtype=torch.long, device=dev).index_add_(0, labels, cs.counts)
     else:
         h, w, c = pixels.shape
-        if dither == "fs":
+        if dither in ("fs", "adaptive"):
             pal_np = palette.cpu().numpy()
-            pixel_labels = torch.from_numpy(floyd_steinberg(pixels.cpu().numpy(), pal_np, space)).to(dev).long()
+            fs = floyd_steinberg(pixels.cpu().numpy(), pal_np, space, adaptive=dither == "adaptive")
+            pixel_labels = torch.from_numpy(fs).to(dev).long()
         else:
             flat = pixels.reshape(-1, c)
             points = space.points(_as_rgba(flat) if rgba else flat)
