@@ -14,6 +14,7 @@ import torch
 
 from .colors import ColorSet, bin_colors
 from .kmeans import best_restarts, kmeans
+from .options import FitOptions
 from .spaces import ColorSpace
 
 __all__ = ["FINE_BITS", "as_rgba", "fit_palettes"]
@@ -176,22 +177,14 @@ def as_rgba(colors: torch.Tensor) -> torch.Tensor:
     return colors if colors.shape[-1] == 4 else torch.nn.functional.pad(colors, (0, 1), value=255)
 
 
-def _fit(
-    jobs: list[_Plan],
-    k: int,
-    *,
-    seed: int,
-    n_init: int,
-    max_iter: int,
-    tol: float,
-    device: torch.device,
-) -> torch.Tensor:
+def _fit(jobs: list[_Plan], k: int, options: FitOptions, device: torch.device) -> torch.Tensor:
     """Batched two-stage k-means over plans of one dimensionality; centroids (B, k, D).
 
     All ``n_init`` restarts run on the coarse set (cheap); the ``_REFINED`` with the
     lowest coarse inertia go on to the fine set, where the lowest inertia wins. Coarse
     inertia ranks restarts well but not perfectly, hence more than one goes on.
     """
+    n_init, max_iter, tol = options.n_init or 1, options.max_iter, options.tol
     coarse = kmeans(
         _pad([p.seed[0] for p in jobs]),
         k,
@@ -199,7 +192,7 @@ def _fit(
         n_init=n_init,
         max_iter=max_iter,
         tol=tol * _SEED_TOL_FACTOR,
-        seed=seed,
+        seed=options.seed,
         device=device,
         keep_restarts=True,
     )
@@ -225,22 +218,15 @@ def _fit(
 
 
 def fit_palettes(
-    sets: list[ColorSet],
-    k: int,
-    space: ColorSpace,
-    *,
-    seed: int,
-    n_init: int,
-    max_iter: int,
-    tol: float,
-    max_fit_points: int,
-    device: torch.device,
+    sets: list[ColorSet], options: FitOptions, device: torch.device
 ) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]:
     """Fit one palette per colour set, all k-means problems of a kind in one batch.
 
     Returns (palette uint8 (P, C), bins of the opaque fit or None) per set, where
     P <= k and C is the set's channel count.
     """
+    options = options.resolved()
+    space, k, max_fit_points = ColorSpace(options.space), options.k, options.max_fit_points or 1
     # parts[i]: palette pieces of set i; a None piece is filled by the batched fit of
     # the job that points at it.
     parts: list[list[torch.Tensor | None]] = []
@@ -268,7 +254,7 @@ def fit_palettes(
 
     for (_, k_group), batch in jobs.items():
         plans = [plan for _, _, plan in batch]
-        centroids = _fit(plans, k_group, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, device=device)
+        centroids = _fit(plans, k_group, options, device)
         for row, (i, slot, _) in enumerate(batch):
             parts[i][slot] = space.colors(centroids[row])
 

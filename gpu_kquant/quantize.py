@@ -26,7 +26,7 @@ from .device import resolve_device
 from .dither import DITHERS, bayer_offsets, floyd_steinberg, palette_spacing
 from .fitplan import as_rgba, fit_palettes
 from .nearest import assign, assign_with_bounds, nearest_two
-from .options import auto_fit_points, auto_n_init
+from .options import FitOptions
 from .spaces import SPACES, ColorSpace
 
 __all__ = ["DITHERS", "SPACES", "Quantized", "fit_palette", "map_to_palette", "quantize", "quantize_batch", "to_tensor"]
@@ -270,11 +270,11 @@ def _used_in_order(pal_alpha: torch.Tensor, usage: torch.Tensor) -> torch.Tensor
     return order[usage[order] > 0]
 
 
-def _fit_options(k: int, space: str, n_init: int | None, max_fit_points: int | None, dither: str) -> tuple[int, int]:
-    """Check the options of a fit and fill in the defaults; returns (n_init, max_fit_points)."""
-    n_init = auto_n_init(k) if n_init is None else n_init
-    _check_options(k, space, n_init, dither)
-    return n_init, auto_fit_points(k) if max_fit_points is None else max_fit_points
+def _fit_options(options: FitOptions | None, dither: str, **fields: object) -> FitOptions:
+    """The fit's typed options: ``options`` as given, or built from the keyword fields."""
+    if dither not in DITHERS:
+        raise ValueError(f"dither must be one of {', '.join(DITHERS)}, got {dither!r}")
+    return options if options is not None else FitOptions(**fields)  # type: ignore[arg-type]
 
 
 def _check_options(k: int, space: str, n_init: int, dither: str) -> None:
@@ -299,19 +299,21 @@ def fit_palette(
     max_iter: int = 300,
     tol: float = 1e-4,
     max_fit_points: int | None = None,
+    options: FitOptions | None = None,
 ) -> np.ndarray:
     """Fit a palette of at most k colours to a colour histogram (e.g. summed over images).
 
     Returns (k', C) uint8, ordered like a quantized image's palette: entries with
     transparency first, then by pixel count; unused entries dropped.
     """
-    n_init, max_fit_points = _fit_options(k, space, n_init, max_fit_points, "none")
+    fit = _fit_options(
+        options, "none", k=k, space=space, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol,
+        max_fit_points=max_fit_points,
+    )  # fmt: skip
     dev = resolve_device(device)
-    sp = ColorSpace(space)
+    sp = ColorSpace(fit.space)
     cs = ColorSet(cs.keys.to(dev), cs.counts.to(dev), cs.channels)
-    ((palette, bins),) = fit_palettes(
-        [cs], k, sp, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, max_fit_points=max_fit_points, device=dev
-    )
+    ((palette, bins),) = fit_palettes([cs], fit, dev)
     rgba = cs.channels == 4
     points, alpha = _colour_points(cs, sp, palette)
     labels = _assign_constrained(points, alpha, *_palette_points(palette, sp, rgba), None if rgba else bins)
@@ -332,6 +334,7 @@ def quantize_batch(
     max_iter: int = 300,
     tol: float = 1e-4,
     max_fit_points: int | None = None,
+    options: FitOptions | None = None,
 ) -> list[Quantized]:
     """Quantize many images of any sizes with one batched k-means.
 
@@ -350,26 +353,30 @@ def quantize_batch(
             depend on which other images share its batch.
         n_init: k-means++ restarts per image, run as extra batch rows on the coarse
             seed set; the best two by inertia are refined on the fine set and the
-            lower inertia wins. Default: :func:`auto_n_init`.
+            lower inertia wins. Default: :func:`gpu_kquant.options.auto_n_init`.
         max_iter, tol: Lloyd stopping rule (see :func:`gpu_kquant.kmeans.kmeans`).
+        options: all fit settings as one :class:`gpu_kquant.options.FitOptions` (k,
+            space, seed, n_init, max_iter, tol, max_fit_points); when given, those
+            keywords are ignored.
         max_fit_points: colour sets with more colours are fitted on a 6-bit histogram
-            (see :func:`gpu_kquant.fitplan._plan`). Default: :func:`auto_fit_points`.
+            (see :func:`gpu_kquant.fitplan._plan`). Default: :func:`gpu_kquant.options.auto_fit_points`.
 
     Returns:
         One :class:`Quantized` per image, in order. An image with at most k distinct
         colours keeps them exactly (no k-means).
     """
+    fit = _fit_options(
+        options, dither, k=k, space=space, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol,
+        max_fit_points=max_fit_points,
+    )  # fmt: skip
     if palette is not None:
-        return map_to_palette(images, palette, space=space, dither=dither, device=device)
-    n_init, max_fit_points = _fit_options(k, space, n_init, max_fit_points, dither)
+        return map_to_palette(images, palette, space=fit.space, dither=dither, device=device)
     dev = resolve_device(device)
-    sp = ColorSpace(space)
+    sp = ColorSpace(fit.space)
     tensors = [to_tensor(img).to(dev, non_blocking=True) for img in images]
     keys = [pack(t) for t in tensors]
     sets = [color_set(kk, t.shape[2]) for kk, t in zip(keys, tensors)]
-    fitted = fit_palettes(
-        sets, k, sp, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, max_fit_points=max_fit_points, device=dev
-    )
+    fitted = fit_palettes(sets, fit, dev)
     return [
         _finish(t, kk, cs, sp, pal, b if dither == "none" else None, fixed=False, dither=dither)
         for t, kk, cs, (pal, b) in zip(tensors, keys, sets, fitted)
