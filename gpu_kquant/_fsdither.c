@@ -1,10 +1,11 @@
 /*
  * Serpentine Floyd-Steinberg error diffusion onto a fixed palette, with pngquant-style
- * error clamping. The inner loop is sequential by nature (each pixel depends on the
+ * error clamping and an optional per-pixel strength (adaptive dithering). The inner loop is sequential by nature (each pixel depends on the
  * error of the previous one), so it is written in C; the GIL is released so that
  * several images dither in parallel on Python threads.
  *
- * fs_dither(image, classes, palette, flags, bounds, out, height, width, dims, entries, max_error)
+ * fs_dither(image, classes, palette, flags, bounds, out, strength, height, width, dims, entries, max_error,
+ *           min_error)
  *   image   float32 (height, width, dims), the pixels in the fitting colour space
  *   classes uint8   (height, width): 0 fully transparent, 1 opaque, 2 translucent
  *   palette float32 (entries, dims), same space
@@ -12,7 +13,11 @@
  *           pixels, bit 4 the entry fully transparent pixels take
  *   bounds  float32 (dims, 2): a target colour is clamped to [low, high] per channel
  *   out     int32   (height, width), written
+ *   strength float32 (height, width) or None: the diffused error reaching a pixel is scaled by its
+ *           strength (adaptive dithering: 1 in flat areas, 0 on edges); None means 1 everywhere
  *   max_error: quantization errors longer than this are damped by 0.75
+ *   min_error: a scaled diffused error shorter than this is dropped (the pixel is mapped
+ *           undithered, as pngquant does for negligible error: fewer isolated dots, smaller files)
  *
  * Nearest-entry search is exact: it starts from the previous pixel's entry g and walks
  * g's neighbours in order of distance, stopping once a neighbour is more than twice
@@ -121,11 +126,16 @@ static int nearest(const Palette *p, const float *x, const unsigned char *flags,
     return best;
 }
 
+typedef struct {
+    int height, width;
+    float max_error, min_error;
+    const float *strength; /* NULL: 1 everywhere */
+} Settings;
+
 static void diffuse(const float *image, const unsigned char *classes, const Palette *p, const unsigned char *flags,
-                    const float *bounds, int *out, int height, int width, float max_error, float *err_cur,
-                    float *err_next) {
-    const int dims = p->dims;
-    const float max_error2 = max_error * max_error;
+                    const float *bounds, int *out, const Settings *set, float *err_cur, float *err_next) {
+    const int dims = p->dims, height = set->height, width = set->width;
+    const float max_error2 = set->max_error * set->max_error, min_error2 = set->min_error * set->min_error;
     int transparent_entry = 0;
     for (int j = 0; j < p->entries; j++)
         if (flags[j] & 4) {
@@ -146,9 +156,16 @@ static void diffuse(const float *image, const unsigned char *classes, const Pale
                 out[at] = transparent_entry;
                 continue; /* invisible: takes no error and passes none on */
             }
-            float target[MAX_DIMS];
+            float target[MAX_DIMS], spread[MAX_DIMS];
+            const float s = set->strength ? set->strength[at] : 1.0f;
+            float s2 = 0.0f;
             for (int d = 0; d < dims; d++) {
-                float v = image[at * dims + d] + e_here[d];
+                spread[d] = e_here[d] * s;
+                s2 += spread[d] * spread[d];
+            }
+            const int keep = s2 >= min_error2;
+            for (int d = 0; d < dims; d++) {
+                float v = keep ? image[at * dims + d] + spread[d] : image[at * dims + d];
                 float lo = bounds[2 * d], hi = bounds[2 * d + 1];
                 target[d] = v < lo ? lo : (v > hi ? hi : v);
             }
@@ -194,11 +211,11 @@ static int get(PyObject *obj, Py_buffer *view, Py_ssize_t expected, int writable
 }
 
 static PyObject *fs_dither(PyObject *self, PyObject *args) {
-    PyObject *o_image, *o_classes, *o_palette, *o_flags, *o_bounds, *o_out;
+    PyObject *o_image, *o_classes, *o_palette, *o_flags, *o_bounds, *o_out, *o_strength;
     int height, width, dims, entries;
-    float max_error;
-    if (!PyArg_ParseTuple(args, "OOOOOOiiiif", &o_image, &o_classes, &o_palette, &o_flags, &o_bounds, &o_out, &height,
-                          &width, &dims, &entries, &max_error))
+    float max_error, min_error;
+    if (!PyArg_ParseTuple(args, "OOOOOOOiiiiff", &o_image, &o_classes, &o_palette, &o_flags, &o_bounds, &o_out,
+                          &o_strength, &height, &width, &dims, &entries, &max_error, &min_error))
         return NULL;
     if (dims < 1 || dims > MAX_DIMS || entries < 1 || height < 1 || width < 1) {
         PyErr_SetString(PyExc_ValueError, "bad dimensions");
@@ -212,6 +229,10 @@ static PyObject *fs_dither(PyObject *self, PyObject *args) {
     if (get(o_flags, &b_flags, entries, 0, "flags") < 0) goto fail_palette;
     if (get(o_bounds, &b_bounds, (Py_ssize_t)dims * 2 * 4, 0, "bounds") < 0) goto fail_flags;
     if (get(o_out, &b_out, n * 4, 1, "out") < 0) goto fail_bounds;
+    Py_buffer b_strength = {0};
+    const int has_strength = o_strength != Py_None;
+    if (has_strength && get(o_strength, &b_strength, n * 4, 0, "strength") < 0) goto fail_out;
+    Settings set = {height, width, max_error, min_error, has_strength ? (const float *)b_strength.buf : NULL};
 
     Palette p = {(const float *)b_palette.buf, entries, dims, NULL, NULL};
     float *err_cur = malloc(sizeof(float) * (width + 2) * dims);
@@ -220,15 +241,16 @@ static PyObject *fs_dither(PyObject *self, PyObject *args) {
         free(err_cur);
         free(err_next);
         PyErr_NoMemory();
-        goto fail_out;
+        goto fail_strength;
     }
     Py_BEGIN_ALLOW_THREADS diffuse((const float *)b_image.buf, (const unsigned char *)b_classes.buf, &p,
                                    (const unsigned char *)b_flags.buf, (const float *)b_bounds.buf, (int *)b_out.buf,
-                                   height, width, max_error, err_cur, err_next);
+                                   &set, err_cur, err_next);
     Py_END_ALLOW_THREADS free(err_cur);
     free(err_next);
     free(p.pair_dist);
     free(p.pair_index);
+    if (has_strength) PyBuffer_Release(&b_strength);
     PyBuffer_Release(&b_out);
     PyBuffer_Release(&b_bounds);
     PyBuffer_Release(&b_flags);
@@ -237,6 +259,8 @@ static PyObject *fs_dither(PyObject *self, PyObject *args) {
     PyBuffer_Release(&b_image);
     Py_RETURN_NONE;
 
+fail_strength:
+    if (has_strength) PyBuffer_Release(&b_strength);
 fail_out:
     PyBuffer_Release(&b_out);
 fail_bounds:

@@ -188,7 +188,7 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
         "--dither",
         choices=DITHERS,
         default="none",
-        help="fs: serpentine Floyd-Steinberg (CPU threads); ordered: 8x8 Bayer (on the device)",
+        help="fs: serpentine Floyd-Steinberg; adaptive: FS in flat areas only, not on edges; ordered: 8x8 Bayer",
     )
     parser.add_argument(
         "--palette",

@@ -1,8 +1,8 @@
 """The control layer's one door into :mod:`gpu_kquant.quantize`: fit options in, results out.
 
 Every call from the pipeline to the quantizer goes through these functions, built from
-a whole :class:`~gpu_kquant.options.FitOptions`; when ``quantize_batch`` takes the
-options object itself, only :func:`quantize_images` and :func:`fit_shared_palette` change.
+a whole :class:`~gpu_kquant.options.FitOptions`: ``quantize_batch`` takes it whole
+(``options=``); ``Palette.fit`` still takes its fields as keywords.
 """
 
 from __future__ import annotations
@@ -19,18 +19,7 @@ __all__ = ["fit_shared_palette", "map_images", "quantize_images", "reach_quality
 
 def quantize_images(images: list[np.ndarray], fit: FitOptions, *, dither: str, device: torch.device) -> list[Quantized]:
     """One batched quantization of (H, W, 3|4) uint8 images, dithering included, on ``device``."""
-    return quantize_batch(
-        images,
-        fit.k,
-        space=fit.space,
-        dither=dither,
-        device=device,
-        seed=fit.seed,
-        n_init=fit.n_init,
-        max_iter=fit.max_iter,
-        tol=fit.tol,
-        max_fit_points=fit.max_fit_points,
-    )
+    return quantize_batch(images, dither=dither, device=device, options=fit)
 
 
 def map_images(images: list[np.ndarray], palette: Palette, *, dither: str, device: torch.device) -> list[Quantized]:

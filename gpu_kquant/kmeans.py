@@ -15,12 +15,11 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
 from .device import resolve_device
-from .kernels import backend
+from .kernels import Kernels, backend
 from .nearest import assign, assign_with_bounds, gather_rows, nearest_two
 from .reduce import FixedPointSums
 
@@ -95,7 +94,7 @@ def _uniforms(seed: int, streams: list[int], shape: tuple[int, ...], device: tor
     return torch.stack(tables).to(device)
 
 
-def _kernels(device: torch.device) -> ModuleType:
+def _kernels(device: torch.device) -> Kernels:
     return backend(device)
 
 
@@ -130,8 +129,10 @@ def kmeans_plusplus(
         out of distinct points, its remaining centres repeat the last real one.
     """
     kern = _kernels(points.device)
-    if hasattr(kern, "kmeans_pp"):  # a whole-seeding kernel (CPU): no Python per centre
-        return kern.kmeans_pp(points, weights, uniforms)
+    whole = getattr(kern, "kmeans_pp", None)
+    if whole is not None:  # a whole-seeding kernel (CPU): no Python per centre
+        centres, n_eff = whole(points, weights, uniforms)
+        return centres, n_eff
     b, _, d = points.shape
     rows = torch.arange(b, device=points.device)
     centres = points.new_empty((b, k, d))
@@ -364,9 +365,10 @@ def _lloyd(
     k = centroids.shape[1]
     dev = x.device
     kern = _kernels(dev)
-    if hasattr(kern, "lloyd") and not record:  # a whole-loop kernel (CPU): no Python per iteration
+    whole = getattr(kern, "lloyd", None)
+    if whole is not None and not record:  # a whole-loop kernel (CPU): no Python per iteration
         scales = (sums.scale_x, sums.scale_w)
-        c, labels, d2, n_iter, conv = kern.lloyd(x, w, sums.qx, sums.qw, scales, centroids, n_eff, tol_abs, max_iter)
+        c, labels, d2, n_iter, conv = whole(x, w, sums.qx, sums.qw, scales, centroids, n_eff, tol_abs, max_iter)
         return KMeansResult(c, labels, (w * d2).sum(1, dtype=torch.float64), n_iter, conv, n_eff)
     in_range = torch.arange(k, device=dev)[None, :] < n_eff[:, None]
     pos = w > 0

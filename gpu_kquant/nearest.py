@@ -9,17 +9,16 @@ colour's histogram bin).
 from __future__ import annotations
 
 import math
-from types import ModuleType
 
 import torch
 
-from .kernels import backend
+from .kernels import Kernels, backend
 from .kernels.reference import paired_sq_dists, sq_dists
 
 __all__ = ["assign", "assign_with_bounds", "gather_rows", "nearest_two"]
 
 
-def _kernels(device: torch.device) -> ModuleType:
+def _kernels(device: torch.device) -> Kernels:
     return backend(device)
 
 
@@ -50,6 +49,7 @@ def nearest_two(points: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Te
         centroid (B, N) float32, ``inf`` when k = 1.
     """
     labels, _, d2nd = _kernels(points.device).nearest(points, centroids, second=True)
+    assert d2nd is not None  # asked for
     return labels, d2nd.sqrt_()
 
 

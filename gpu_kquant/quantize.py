@@ -21,30 +21,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .colors import ColorSet, bin_colors, color_set, lookup, pack
+from .colors import ColorSet, color_set, lookup, pack
 from .device import resolve_device
 from .dither import DITHERS, bayer_offsets, floyd_steinberg, palette_spacing
-from .kmeans import best_restarts, kmeans
+from .fitplan import as_rgba, fit_palettes
 from .nearest import assign, assign_with_bounds, nearest_two
-from .options import auto_fit_points, auto_n_init
+from .options import FitOptions
 from .spaces import SPACES, ColorSpace
 
 __all__ = ["DITHERS", "SPACES", "Quantized", "fit_palette", "map_to_palette", "quantize", "quantize_batch", "to_tensor"]
-
-# k-means++ and the first Lloyd run use a set of at most this many points, with a looser
-# tolerance; Lloyd on the fine set then starts close to convergence. Measured on 12
-# 256x256 photo crops (CPU time, C kernels): 4096 instead of 16384 costs 0.01 dB at
-# k = 16 (1.6x faster), 0.07 dB at k = 64 (2.6x) and 0.02 dB at k = 256 (1.4x).
-_SEED_POINTS = 1 << 12
-_SEED_TOL_FACTOR = 10.0
-# Restarts carried on from the coarse to the fine set (see _fit).
-_REFINED = 2
-
-
-# Colour sets above the fit budget are merged into 6-bit-per-channel bins (4x4x4 sRGB
-# cubes). Measured on a 4-megapixel photo mosaic at k=256, 7-bit bins gain 0.08 dB of
-# PSNR for twice the fit time; at k=16 the difference is under 0.5% of MSE.
-FINE_BITS = 6
 
 
 @dataclass(frozen=True)
@@ -133,122 +118,6 @@ def to_tensor(image: object) -> torch.Tensor:
     return tensor
 
 
-@dataclass(frozen=True)
-class _Group:
-    """Colours of one image that share a fit: its opaque or its translucent colours.
-
-    Attributes:
-        members: (M,) indices into the image's colour set.
-        colors: (M, C) uint8: RGB for opaque colours, RGBA for translucent ones.
-        counts: (M,) int64 pixel counts.
-        points: (M, D) float32 points in the fitting space.
-    """
-
-    members: torch.Tensor
-    colors: torch.Tensor
-    counts: torch.Tensor
-    points: torch.Tensor
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What k-means sees of one group: a coarse set to seed on and a fine set to finish on.
-
-    ``bins`` holds the fine set's bin means and the bin of every colour, used to guess
-    each colour's palette entry; ``None`` when the fine set is the exact colour set.
-    """
-
-    seed: tuple[torch.Tensor, torch.Tensor]
-    fine: tuple[torch.Tensor, torch.Tensor]
-    bins: tuple[torch.Tensor, torch.Tensor] | None
-
-
-def _plan(group: _Group, max_points: int) -> _Plan:
-    """Pick the exact colours (at most ``max_points``) or a fine histogram, and a seed set.
-
-    Larger colour sets are merged into ``FINE_BITS`` bins, coarser only if those still
-    number more than four times ``max_points``; the seed set has at most 4096 points.
-    Coarser histograms are built from the finer bins.
-    """
-    exact = (group.points, group.counts.float())
-    n = group.colors.shape[0]
-    fine = exact if n <= max_points else None
-    seed = exact if n <= min(max_points, _SEED_POINTS) else None
-    bins = None
-    colors, counts, points = group.colors, group.counts, group.points
-    bin_of = None  # the current bin of every colour
-    for bits in range(FINE_BITS, 0, -1):
-        if fine is not None and seed is not None:
-            break
-        points, counts, inverse, colors = bin_colors(colors, counts, points, bits)
-        bin_of = inverse if bin_of is None else inverse[bin_of]
-        if fine is None and (points.shape[0] <= 4 * max_points or bits == 1):
-            fine, bins = (points, counts.float()), (points, bin_of)
-        if seed is None and (points.shape[0] <= min(max_points, _SEED_POINTS) or bits == 1):
-            seed = (points, counts.float())
-    assert fine is not None and seed is not None
-    return _Plan(seed, fine, bins)
-
-
-def _split(cs: ColorSet, space: ColorSpace) -> tuple[bool, _Group, _Group]:
-    """Split a colour set into (has fully transparent pixels, opaque, translucent)."""
-    colors = cs.colors
-    if cs.channels == 3:
-        everything = torch.arange(len(cs), device=colors.device)
-        opaque = _Group(everything, colors, cs.counts, space.points(colors))
-        none = everything[:0]
-        return False, opaque, _Group(none, colors[:0], cs.counts[:0], space.points(colors[:0]))
-    alpha = colors[:, 3]
-
-    def group(mask: torch.Tensor, channels: int) -> _Group:
-        idx = mask.nonzero().squeeze(1)
-        sub = colors[idx, :channels]
-        return _Group(idx, sub, cs.counts[idx], space.points(sub))
-
-    return bool((alpha == 0).any()), group(alpha == 255, 3), group((alpha > 0) & (alpha < 255), 4)
-
-
-def _share_k(k: int, groups: list[_Group]) -> list[int]:
-    """Split k entries between groups in proportion to (pixels x variance) ** 0.6.
-
-    That is the allocation minimising total distortion under the high-resolution
-    approximation (error of a 3-D group ~ N sigma^2 k^(-2/3)); every non-empty group
-    gets at least one entry and never more than its distinct colours.
-    """
-    sizes = [g.colors.shape[0] for g in groups]
-    live = [i for i, n in enumerate(sizes) if n]
-    share = [0] * len(groups)
-    if len(live) == 1:
-        share[live[0]] = min(k, sizes[live[0]])
-        return share
-    mass = []
-    for i in live:
-        g = groups[i]
-        w = g.counts.double()[:, None]
-        mean = (w * g.points).sum(0) / w.sum()
-        mass.append(float((w * (g.points - mean).square()).sum()) ** 0.6 + 1e-12)
-    for i, m in zip(live, mass):
-        share[i] = max(1, min(sizes[i], round(k * m / sum(mass))))
-    while sum(share) > k:
-        big = max(live, key=lambda i: share[i])
-        share[big] -= 1
-    spare = k - sum(share)
-    for i in sorted(live, key=lambda i: -mass[live.index(i)]):
-        extra = min(spare, sizes[i] - share[i])
-        share[i] += extra
-        spare -= extra
-    return share
-
-
-def _pad(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Stack (N_i, ...) tensors into (B, max N_i, ...), zero-padded."""
-    longest = max(r.shape[0] for r in rows)
-    out = rows[0].new_zeros((len(rows), longest, *rows[0].shape[1:]))
-    for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r
-    return out
-
-
 def _nearest(
     points: torch.Tensor, pal_points: torch.Tensor, bins: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> torch.Tensor:
@@ -266,10 +135,6 @@ def _nearest(
     offset = (points - means[inverse]).square().sum(1).sqrt()
     labels, _ = assign_with_bounds(points[None], pal, bin_labels[:, inverse], (second[0, inverse] - offset)[None])
     return labels[0]
-
-
-def _as_rgba(colors: torch.Tensor) -> torch.Tensor:
-    return colors if colors.shape[-1] == 4 else torch.nn.functional.pad(colors, (0, 1), value=255)
 
 
 def _assign_constrained(
@@ -304,7 +169,7 @@ def _colour_points(cs: ColorSet, space: ColorSpace, palette: torch.Tensor) -> tu
     """Points of the colour set for mapping to ``palette``, with the colours' alpha."""
     colors = cs.colors
     if palette.shape[1] == 4 or cs.channels == 4:
-        rgba = _as_rgba(colors)
+        rgba = as_rgba(colors)
         if cs.channels == 3 and palette.shape[1] == 4:
             return space.points(rgba), rgba[:, 3]
         return space.points(rgba if palette.shape[1] == 4 else colors[:, :3]), rgba[:, 3]
@@ -312,12 +177,12 @@ def _colour_points(cs: ColorSet, space: ColorSpace, palette: torch.Tensor) -> tu
 
 
 def _palette_points(palette: torch.Tensor, space: ColorSpace, rgba: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    pal = _as_rgba(palette) if rgba else palette
-    return space.points(pal), _as_rgba(palette)[:, 3]
+    pal = as_rgba(palette) if rgba else palette
+    return space.points(pal), as_rgba(palette)[:, 3]
 
 
 def _premultiplied(colors: torch.Tensor) -> torch.Tensor:
-    c = _as_rgba(colors).double()
+    c = as_rgba(colors).double()
     return torch.cat([c[..., :3] * c[..., 3:] / 255.0, c[..., 3:]], dim=-1)
 
 
@@ -366,14 +231,15 @@ def _finish(
         usage = torch.zeros(palette.shape[0], dtype=torch.long, device=dev).index_add_(0, labels, cs.counts)
     else:
         h, w, c = pixels.shape
-        if dither == "fs":
+        if dither in ("fs", "adaptive"):
             pal_np = palette.cpu().numpy()
-            pixel_labels = torch.from_numpy(floyd_steinberg(pixels.cpu().numpy(), pal_np, space)).to(dev).long()
+            fs = floyd_steinberg(pixels.cpu().numpy(), pal_np, space, adaptive=dither == "adaptive")
+            pixel_labels = torch.from_numpy(fs).to(dev).long()
         else:
             flat = pixels.reshape(-1, c)
-            points = space.points(_as_rgba(flat) if rgba else flat)
+            points = space.points(as_rgba(flat) if rgba else flat)
             step = bayer_offsets(h, w, dev).reshape(-1, 1) * palette_spacing(pal_points)
-            alpha = _as_rgba(flat)[:, 3]
+            alpha = as_rgba(flat)[:, 3]
             points[:, :3] += step * (alpha[:, None].float() / 255.0 if rgba else 1.0)
             pixel_labels = _assign_constrained(points, alpha, pal_points, pal_alpha)
         pixel_labels = pixel_labels.reshape(h, w)
@@ -404,11 +270,11 @@ def _used_in_order(pal_alpha: torch.Tensor, usage: torch.Tensor) -> torch.Tensor
     return order[usage[order] > 0]
 
 
-def _fit_options(k: int, space: str, n_init: int | None, max_fit_points: int | None, dither: str) -> tuple[int, int]:
-    """Check the options of a fit and fill in the defaults; returns (n_init, max_fit_points)."""
-    n_init = auto_n_init(k) if n_init is None else n_init
-    _check_options(k, space, n_init, dither)
-    return n_init, auto_fit_points(k) if max_fit_points is None else max_fit_points
+def _fit_options(options: FitOptions | None, dither: str, **fields: object) -> FitOptions:
+    """The fit's typed options: ``options`` as given, or built from the keyword fields."""
+    if dither not in DITHERS:
+        raise ValueError(f"dither must be one of {', '.join(DITHERS)}, got {dither!r}")
+    return options if options is not None else FitOptions(**fields)  # type: ignore[arg-type]
 
 
 def _check_options(k: int, space: str, n_init: int, dither: str) -> None:
@@ -422,111 +288,6 @@ def _check_options(k: int, space: str, n_init: int, dither: str) -> None:
         raise ValueError(f"n_init must be >= 1, got {n_init}")
 
 
-def _fit(
-    jobs: list[_Plan],
-    k: int,
-    *,
-    seed: int,
-    n_init: int,
-    max_iter: int,
-    tol: float,
-    device: torch.device,
-) -> torch.Tensor:
-    """Batched two-stage k-means over plans of one dimensionality; centroids (B, k, D).
-
-    All ``n_init`` restarts run on the coarse set (cheap); the ``_REFINED`` with the
-    lowest coarse inertia go on to the fine set, where the lowest inertia wins. Coarse
-    inertia ranks restarts well but not perfectly, hence more than one goes on.
-    """
-    coarse = kmeans(
-        _pad([p.seed[0] for p in jobs]),
-        k,
-        weights=_pad([p.seed[1] for p in jobs]),
-        n_init=n_init,
-        max_iter=max_iter,
-        tol=tol * _SEED_TOL_FACTOR,
-        seed=seed,
-        device=device,
-        keep_restarts=True,
-    )
-    refine = [row for row, p in enumerate(jobs) if p.fine is not p.seed]
-    best = best_restarts(coarse, n_init).centroids
-    if not refine:
-        return best
-    m = min(n_init, _REFINED)
-    dev = coarse.centroids.device
-    ranked = coarse.inertia.view(len(jobs), n_init).argsort(dim=1, stable=True)[:, :m]
-    rows = (ranked + torch.arange(len(jobs), device=dev)[:, None] * n_init)[torch.tensor(refine, device=dev)]
-    fine = kmeans(
-        _pad([jobs[r].fine[0] for r in refine]).repeat_interleave(m, 0),
-        k,
-        weights=_pad([jobs[r].fine[1] for r in refine]).repeat_interleave(m, 0),
-        init=coarse.centroids[rows.reshape(-1)],
-        max_iter=max_iter,
-        tol=tol,
-        device=device,
-    )
-    best[torch.tensor(refine, device=dev)] = best_restarts(fine, m).centroids
-    return best
-
-
-def _fit_palettes(
-    sets: list[ColorSet],
-    k: int,
-    space: ColorSpace,
-    *,
-    seed: int,
-    n_init: int,
-    max_iter: int,
-    tol: float,
-    max_fit_points: int,
-    device: torch.device,
-) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]:
-    """Fit one palette per colour set, all k-means problems of a kind in one batch.
-
-    Returns (palette uint8 (P, C), bins of the opaque fit or None) per set, where
-    P <= k and C is the set's channel count.
-    """
-    # parts[i]: palette pieces of set i; a None piece is filled by the batched fit of
-    # the job that points at it.
-    parts: list[list[torch.Tensor | None]] = []
-    bins: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-    jobs: dict[tuple[int, int], list[tuple[int, int, _Plan]]] = {}
-    for i, cs in enumerate(sets):
-        transparent, opaque, translucent = _split(cs, space)
-        pieces: list[torch.Tensor | None] = []
-        if transparent:
-            pieces.append(torch.zeros((1, 4), dtype=torch.uint8, device=device))
-        shares = _share_k(max(1, k - len(pieces)), [opaque, translucent])
-        bins.append(None)
-        for group, k_group in zip((opaque, translucent), shares):
-            if k_group == 0:
-                continue
-            if group.colors.shape[0] <= k_group:
-                pieces.append(group.colors)
-                continue
-            plan = _plan(group, max_fit_points)
-            if group is opaque:
-                bins[i] = plan.bins
-            jobs.setdefault((group.points.shape[1], k_group), []).append((i, len(pieces), plan))
-            pieces.append(None)
-        parts.append(pieces)
-
-    for (_, k_group), batch in jobs.items():
-        plans = [plan for _, _, plan in batch]
-        centroids = _fit(plans, k_group, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, device=device)
-        for row, (i, slot, _) in enumerate(batch):
-            parts[i][slot] = space.colors(centroids[row])
-
-    out = []
-    for cs, pieces, b in zip(sets, parts, bins):
-        done = [p for p in pieces if p is not None]
-        if cs.channels == 4:
-            done = [_as_rgba(p) for p in done]
-        out.append((torch.cat(done), b))
-    return out
-
-
 def fit_palette(
     cs: ColorSet,
     k: int,
@@ -538,24 +299,26 @@ def fit_palette(
     max_iter: int = 300,
     tol: float = 1e-4,
     max_fit_points: int | None = None,
+    options: FitOptions | None = None,
 ) -> np.ndarray:
     """Fit a palette of at most k colours to a colour histogram (e.g. summed over images).
 
     Returns (k', C) uint8, ordered like a quantized image's palette: entries with
     transparency first, then by pixel count; unused entries dropped.
     """
-    n_init, max_fit_points = _fit_options(k, space, n_init, max_fit_points, "none")
+    fit = _fit_options(
+        options, "none", k=k, space=space, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol,
+        max_fit_points=max_fit_points,
+    )  # fmt: skip
     dev = resolve_device(device)
-    sp = ColorSpace(space)
+    sp = ColorSpace(fit.space)
     cs = ColorSet(cs.keys.to(dev), cs.counts.to(dev), cs.channels)
-    ((palette, bins),) = _fit_palettes(
-        [cs], k, sp, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, max_fit_points=max_fit_points, device=dev
-    )
+    ((palette, bins),) = fit_palettes([cs], fit, dev)
     rgba = cs.channels == 4
     points, alpha = _colour_points(cs, sp, palette)
     labels = _assign_constrained(points, alpha, *_palette_points(palette, sp, rgba), None if rgba else bins)
     usage = torch.zeros(palette.shape[0], dtype=torch.long, device=dev).index_add_(0, labels, cs.counts)
-    return palette[_used_in_order(_as_rgba(palette)[:, 3], usage)].cpu().numpy()
+    return palette[_used_in_order(as_rgba(palette)[:, 3], usage)].cpu().numpy()
 
 
 def quantize_batch(
@@ -571,6 +334,7 @@ def quantize_batch(
     max_iter: int = 300,
     tol: float = 1e-4,
     max_fit_points: int | None = None,
+    options: FitOptions | None = None,
 ) -> list[Quantized]:
     """Quantize many images of any sizes with one batched k-means.
 
@@ -589,26 +353,30 @@ def quantize_batch(
             depend on which other images share its batch.
         n_init: k-means++ restarts per image, run as extra batch rows on the coarse
             seed set; the best two by inertia are refined on the fine set and the
-            lower inertia wins. Default: :func:`auto_n_init`.
+            lower inertia wins. Default: :func:`gpu_kquant.options.auto_n_init`.
         max_iter, tol: Lloyd stopping rule (see :func:`gpu_kquant.kmeans.kmeans`).
+        options: all fit settings as one :class:`gpu_kquant.options.FitOptions` (k,
+            space, seed, n_init, max_iter, tol, max_fit_points); when given, those
+            keywords are ignored.
         max_fit_points: colour sets with more colours are fitted on a 6-bit histogram
-            (see :func:`_plan`). Default: :func:`auto_fit_points`.
+            (see :func:`gpu_kquant.fitplan._plan`). Default: :func:`gpu_kquant.options.auto_fit_points`.
 
     Returns:
         One :class:`Quantized` per image, in order. An image with at most k distinct
         colours keeps them exactly (no k-means).
     """
+    fit = _fit_options(
+        options, dither, k=k, space=space, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol,
+        max_fit_points=max_fit_points,
+    )  # fmt: skip
     if palette is not None:
-        return map_to_palette(images, palette, space=space, dither=dither, device=device)
-    n_init, max_fit_points = _fit_options(k, space, n_init, max_fit_points, dither)
+        return map_to_palette(images, palette, space=fit.space, dither=dither, device=device)
     dev = resolve_device(device)
-    sp = ColorSpace(space)
+    sp = ColorSpace(fit.space)
     tensors = [to_tensor(img).to(dev, non_blocking=True) for img in images]
     keys = [pack(t) for t in tensors]
     sets = [color_set(kk, t.shape[2]) for kk, t in zip(keys, tensors)]
-    fitted = _fit_palettes(
-        sets, k, sp, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, max_fit_points=max_fit_points, device=dev
-    )
+    fitted = fit_palettes(sets, fit, dev)
     return [
         _finish(t, kk, cs, sp, pal, b if dither == "none" else None, fixed=False, dither=dither)
         for t, kk, cs, (pal, b) in zip(tensors, keys, sets, fitted)

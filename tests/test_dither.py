@@ -1,4 +1,4 @@
-"""Tests of Floyd-Steinberg and ordered dithering."""
+"""Tests of Floyd-Steinberg (plain and adaptive) and ordered dithering."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def flat_region() -> np.ndarray:
 PALETTE = np.array([[0, 0, 0], [255, 255, 255], [90, 140, 50], [120, 170, 80], [200, 40, 40]], np.uint8)
 
 
-@pytest.mark.parametrize("method", ["fs", "ordered"])
+@pytest.mark.parametrize("method", ["fs", "adaptive", "ordered"])
 def test_dithering_preserves_the_mean_colour_of_flat_areas(method: str) -> None:
     img = flat_region()
     plain = map_to_palette([img], PALETTE)[0].to_rgb().reshape(-1, 3).mean(0)
@@ -31,7 +31,7 @@ def test_dithering_preserves_the_mean_colour_of_flat_areas(method: str) -> None:
     assert np.abs(dithered - target).sum() < 0.5 * np.abs(plain - target).sum()
 
 
-@pytest.mark.parametrize("method", ["fs", "ordered"])
+@pytest.mark.parametrize("method", ["fs", "adaptive", "ordered"])
 def test_dithered_output_uses_only_palette_colours_and_is_deterministic(method: str) -> None:
     img = photo("chelsea")
     a = quantize(img, 16, dither=method, seed=2)
@@ -42,32 +42,99 @@ def test_dithered_output_uses_only_palette_colours_and_is_deterministic(method: 
     assert a.blurred_psnr is not None and a.blurred_psnr > a.psnr  # per-pixel PSNR penalises dithering
 
 
-def test_fs_kernel_matches_reference_implementation() -> None:
+def _python_reference(img: np.ndarray, palette: np.ndarray, adaptive: bool) -> np.ndarray:
+    """The same dithering through the pure-Python stand-in of the C kernel."""
+    kernel = dither._fs_dither_c
+    dither._fs_dither_c = None
+    try:
+        with pytest.warns(UserWarning, match="slow Python path"):
+            return dither.floyd_steinberg(img, palette, ColorSpace("rgb"), adaptive=adaptive)
+    finally:
+        dither._fs_dither_c = kernel
+
+
+@pytest.mark.skipif(dither._fs_dither_c is None, reason="the C kernel did not build")
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_fs_kernel_matches_reference_implementation(adaptive: bool) -> None:
     rng = np.random.default_rng(0)
     img = photo("coffee")[:40, :57]
     palette = rng.integers(0, 256, (24, 3), dtype=np.uint8)
-    space = ColorSpace("rgb")
-    fast = dither.floyd_steinberg(img, palette, space)
-    pixels = img.reshape(-1, 3)
-    import torch
-
-    points = space.points(torch.from_numpy(pixels.copy())).numpy()
-    pal_points = space.points(torch.from_numpy(palette)).numpy()
-    bounds = dither.channel_bounds(space, 3)
-    ref = np.empty((40, 57), np.int32)
-    max_error = 2.0 * dither.palette_spacing(torch.from_numpy(pal_points))
-    dither._fs_dither_python(
-        points, dither.pixel_classes(None, (40, 57)), pal_points, dither.entry_flags(palette), bounds, ref, max_error
-    )
-    np.testing.assert_array_equal(fast, ref)
+    fast = dither.floyd_steinberg(img, palette, ColorSpace("rgb"), adaptive=adaptive)
+    np.testing.assert_array_equal(fast, _python_reference(img, palette, adaptive))
 
 
-def test_fs_keeps_alpha_rules() -> None:
+@pytest.mark.skipif(dither._fs_dither_c is None, reason="the C kernel did not build")
+def test_adaptive_kernel_matches_reference_with_alpha() -> None:
+    img = np.array(photo("chelsea")[:30, :44])
+    alpha = np.tile(np.linspace(0, 255, 44).astype(np.uint8), (30, 1))
+    rgba = np.dstack([img, alpha])
+    palette = np.array([[0, 0, 0, 0], [200, 100, 50, 120], [90, 80, 70, 255], [180, 170, 160, 255], [20, 30, 40, 255]])
+    fast = dither.floyd_steinberg(rgba, palette.astype(np.uint8), ColorSpace("rgb"), adaptive=True)
+    np.testing.assert_array_equal(fast, _python_reference(rgba, palette.astype(np.uint8), True))
+
+
+GREYS = np.array([[v, v, v] for v in (0, 64, 128, 192, 255)], np.uint8)
+
+
+def test_adaptive_dithers_a_smooth_gradient() -> None:
+    # A vertical ramp: undithered, every row is one flat band; dithered, the rows between
+    # two palette greys mix both, and each row's mean follows the ramp.
+    ramp = np.linspace(20.0, 235.0, 200)
+    img = np.repeat(np.rint(ramp).astype(np.uint8)[:, None, None], 3, axis=2).repeat(120, axis=1)
+    plain = map_to_palette([img], GREYS)[0].to_rgb()[..., 0].astype(float)
+    out = map_to_palette([img], GREYS, dither="adaptive")[0].to_rgb()[..., 0].astype(float)
+    colours_per_row = np.array([len(np.unique(row)) for row in out])
+    between = np.abs(img[:, 0, 0, None].astype(float) - GREYS[:, 0]).min(1) > 8  # rows not near a palette grey
+    assert (colours_per_row[between] >= 2).all()
+    assert (np.array([len(np.unique(row)) for row in plain]) == 1).all()
+    row_error = np.abs(out.mean(1) - img[:, 0, 0])
+    assert row_error.mean() < 0.25 * np.abs(plain.mean(1) - img[:, 0, 0]).mean()
+
+
+def test_adaptive_leaves_hard_edges_undithered() -> None:
+    # Two flat greys between palette entries (so both get dithered) meeting in a square's
+    # hard edges: no pixel within 1 px of an edge may differ from the undithered mapping.
+    img = np.full((64, 80, 3), 100, np.uint8)
+    img[16:48, 24:56] = 170
+    plain = map_to_palette([img], GREYS)[0].indices
+    out = map_to_palette([img], GREYS, dither="adaptive")[0].indices
+    changed = out != plain
+    inside = np.zeros((64, 80), bool)
+    inside[16:48, 24:56] = True
+    edge = np.zeros_like(inside)
+    edge[:-1] |= inside[:-1] != inside[1:]
+    edge[1:] |= inside[:-1] != inside[1:]
+    edge[:, :-1] |= inside[:, :-1] != inside[:, 1:]
+    edge[:, 1:] |= inside[:, :-1] != inside[:, 1:]
+    near = np.zeros_like(edge)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            near |= np.roll(np.roll(edge, dy, 0), dx, 1)
+    assert near.sum() > 0 and not changed[near].any()
+    assert changed[~near].mean() > 0.2  # the flat areas themselves are dithered
+
+
+def test_adaptive_dithers_less_than_fs_on_texture() -> None:
+    # On a real photo, adaptive dithering changes fewer pixels than plain FS, and is
+    # structurally closer to the photo (SSIM, the metric pngquant's adaptive map wins on).
+    from gpu_kquant.metrics import ssim
+
+    img = photo("astronaut")[:200, :200]
+    palette = quantize(img, 16).palette
+    plain = map_to_palette([img], palette)[0]
+    fs = map_to_palette([img], palette, dither="fs")[0]
+    adaptive = map_to_palette([img], palette, dither="adaptive")[0]
+    assert (adaptive.indices != plain.indices).mean() < (fs.indices != plain.indices).mean()
+    assert ssim(img, adaptive.to_rgb()) > ssim(img, fs.to_rgb())
+
+
+@pytest.mark.parametrize("method", ["fs", "adaptive"])
+def test_fs_keeps_alpha_rules(method: str) -> None:
     img = photo("chelsea")[:60, :80]
     alpha = np.zeros((60, 80), np.uint8)
     alpha[:, 30:] = 255
     alpha[:, 20:30] = 90
-    q = quantize(np.dstack([img, alpha]), 12, dither="fs")
+    q = quantize(np.dstack([img, alpha]), 12, dither=method)
     out = q.to_array()
     assert (out[alpha == 0][:, 3] == 0).all()
     assert (out[alpha == 255][:, 3] == 255).all()

@@ -304,3 +304,63 @@ def test_decoding_leaves_pillow_and_warning_settings_alone(tmp_path: Path, rgb: 
     limit, filters = Image.MAX_IMAGE_PIXELS, list(warnings.filters)
     load_image(save(rgb, tmp_path / "a.png"), max_pixels=10**12)
     assert limit == Image.MAX_IMAGE_PIXELS and warnings.filters == filters
+
+
+def _old_encode_png_bytes(palette: np.ndarray, indices: np.ndarray) -> int:
+    """Size of main's encoder output (commit 2597b82): minimal bit depth, filter None, zlib 9 up to 8 colours else 6."""
+    import zlib
+
+    from gpu_kquant.imagefiles import _pack_rows
+
+    n = palette.shape[0]
+    bits = 1 if n <= 2 else 2 if n <= 4 else 4 if n <= 16 else 8
+    rows = _pack_rows(np.ascontiguousarray(indices, dtype=np.uint8), bits)
+    raw = np.concatenate([np.zeros((rows.shape[0], 1), np.uint8), rows], 1)
+    header = 8 + 25 + (12 + 3 * n) + 12  # signature, IHDR, PLTE, IEND (RGB palettes: no tRNS)
+    return header + 12 + len(zlib.compress(raw.tobytes(), 9 if n <= 8 else 6))
+
+
+# PNG bytes of `quantize(sample, k)` + encode_png on main before the encoder change (commit 2597b82,
+# CPU, default options), measured by `python -m benchmarks.quality --sections bytes` on 2026-12-02.
+# They also depend on the fitted palette: a change in k-means may move them.
+BYTES_BEFORE = {
+    ("astronaut", 16): 40048,
+    ("chelsea", 16): 31394,
+    ("coffee", 16): 47183,
+}  # k=64 on main: astronaut 75473, chelsea 52889, coffee 86603 (left out of the test for time)
+
+
+@pytest.mark.parametrize(("name", "k"), sorted(BYTES_BEFORE))
+def test_png_bytes_of_bundled_photos_are_not_larger_than_before(name: str, k: int) -> None:
+    from gpu_kquant import quantize
+
+    path = Path(__file__).resolve().parents[1] / "gpu_kquant" / "samples" / f"{name}.png"
+    q = quantize(np.asarray(Image.open(path).convert("RGB")), k, device="cpu")
+    data = encode_png(q.palette, q.indices)
+    assert len(data) <= _old_encode_png_bytes(q.palette, q.indices)
+    assert len(data) <= BYTES_BEFORE[(name, k)]
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), q.to_rgb())
+
+
+def test_png_picks_the_smaller_of_4_and_8_bits() -> None:
+    import zlib
+
+    # Runs of odd length: at 4 bits a run boundary falls mid-byte every other time, so
+    # deflate's byte matches break; at 8 bits the repeats stay byte-aligned.
+    rng = np.random.default_rng(3)
+    row = np.repeat(rng.integers(0, 16, 400), rng.integers(1, 8, 400) * 2 + 1)[:999]
+    indices = np.stack([np.roll(row, 3 * y) for y in range(40)]).astype(np.uint8)
+    palette = rng.integers(0, 256, (16, 3), dtype=np.uint8)
+    data = encode_png(palette, indices)
+    sizes = {}
+    for bits in (4, 8):
+        from gpu_kquant.imagefiles import _idat
+
+        sizes[bits] = len(_idat(indices, bits, 9))
+    idat = data.index(b"IDAT")
+    assert int.from_bytes(data[idat - 4 : idat], "big") == min(sizes.values())
+    assert data[24] == min(sizes, key=sizes.get)  # IHDR bit depth
+    assert zlib.crc32(data[idat : idat + 4 + min(sizes.values())]) == int.from_bytes(
+        data[idat + 4 + min(sizes.values()) : idat + 8 + min(sizes.values())], "big"
+    )
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), palette[indices])

@@ -1,15 +1,17 @@
-"""CIEDE2000 of a quantized image against scikit-image's reference implementation."""
+"""The metrics against real references on real photos: CIEDE2000 against scikit-image, SSIM against
+scikit-image, blurred PSNR against SciPy, premultiplied alpha."""
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import pytest
 from common_utils import photo
+from PIL import Image
 
 from gpu_kquant import quantize
-from gpu_kquant.metrics import mean_ciede2000
-
-skimage_color = pytest.importorskip("skimage.color")
+from gpu_kquant.metrics import blurred_psnr, mean_ciede2000, premultiplied, psnr, ssim
 
 
 def reference(original: np.ndarray, palette: np.ndarray, indices: np.ndarray) -> float:
@@ -18,6 +20,7 @@ def reference(original: np.ndarray, palette: np.ndarray, indices: np.ndarray) ->
     The two implementations' sRGB-to-Lab constants differ in the fifth digit, hence a
     relative tolerance of 1e-4 (a CIEDE2000 of 0.0003 on a mean near 2 is invisible).
     """
+    skimage_color = pytest.importorskip("skimage.color")
     rgb = original[..., :3].astype(np.float64) / 255
     mapped = palette[indices][..., :3].astype(np.float64) / 255
     delta = skimage_color.deltaE_ciede2000(skimage_color.rgb2lab(rgb), skimage_color.rgb2lab(mapped))
@@ -39,3 +42,53 @@ def test_transparent_pixels_do_not_count() -> None:
     got = mean_ciede2000(img, q.palette, q.indices)
     assert got == pytest.approx(reference(img, q.palette, q.indices), rel=1e-4)
     assert mean_ciede2000(np.zeros((4, 4, 4), np.uint8), np.zeros((1, 4), np.uint8), np.zeros((4, 4), np.uint8)) == 0.0
+
+
+def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    """A real degradation of a real photo: JPEG at ``quality``."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee"])
+@pytest.mark.parametrize("quality", [10, 60])
+def test_ssim_matches_scikit_image(name: str, quality: int) -> None:
+    from skimage.metrics import structural_similarity
+
+    img = photo(name)[:160, :200]
+    out = jpeg(img, quality)
+    kwargs = {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False, "data_range": 255}
+    expected = structural_similarity(img, out, channel_axis=2, **kwargs)
+    assert ssim(img, out) == pytest.approx(expected, abs=1e-9)
+    grey_expected = structural_similarity(img[..., 1], out[..., 1], **kwargs)
+    assert ssim(img[..., 1], out[..., 1]) == pytest.approx(grey_expected, abs=1e-9)
+
+
+def test_ssim_orders_degradations_and_is_one_for_equal_images() -> None:
+    img = photo("chelsea")[:120, :150]
+    assert ssim(img, img) == pytest.approx(1.0)
+    assert ssim(img, jpeg(img, 10)) < ssim(img, jpeg(img, 60)) < 1.0
+
+
+def test_blurred_psnr_matches_scipy_gaussian_filter() -> None:
+    from scipy.ndimage import gaussian_filter
+
+    img = photo("coffee")[:100, :130]
+    out = jpeg(img, 15)
+
+    def blur(x: np.ndarray) -> np.ndarray:
+        return gaussian_filter(x.astype(np.float64), sigma=(1.0, 1.0, 0.0), mode="mirror", truncate=3.5)
+
+    mse = np.mean((blur(img) - blur(out)) ** 2)
+    assert blurred_psnr(img, out) == pytest.approx(10 * np.log10(255.0**2 / mse), abs=1e-9)
+    assert blurred_psnr(img, out) > psnr(img, out)  # blurring removes part of the JPEG error
+
+
+def test_premultiplied_hides_colour_of_transparent_pixels() -> None:
+    a = np.array([[[10, 20, 30, 0], [200, 100, 50, 255]]], np.uint8)
+    b = np.array([[[250, 0, 9, 0], [200, 100, 50, 255]]], np.uint8)
+    np.testing.assert_array_equal(premultiplied(a), premultiplied(b))
+    np.testing.assert_allclose(
+        premultiplied(np.array([[255, 128, 0, 128]], np.uint8)), [[128, 128 * 128 / 255, 0, 128]]
+    )

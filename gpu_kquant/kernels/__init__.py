@@ -24,14 +24,37 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Protocol, cast
 
 import torch
 
 from . import reference
 
-__all__ = ["REGISTRY", "Backend", "available_backends", "backend"]
+__all__ = ["REGISTRY", "Backend", "Kernels", "available_backends", "backend"]
 
 ENV_VAR = "GPU_KQUANT_KERNELS"
+
+
+class Kernels(Protocol):
+    """What every backend module provides (shapes and dtypes in :mod:`.reference`).
+
+    A backend may also provide whole-fit kernels (``kmeans_pp``, ``lloyd``, as the C
+    backend does); callers look for them with ``getattr``.
+    """
+
+    def nearest(
+        self, points: torch.Tensor, centroids: torch.Tensor, second: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
+
+    def lloyd_step(
+        self, points: torch.Tensor, qx: torch.Tensor, qw: torch.Tensor, centroids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def kpp_potential(
+        self, points: torch.Tensor, weights: torch.Tensor, closest: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    def min_update(self, points: torch.Tensor, centre: torch.Tensor, closest: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -75,7 +98,7 @@ def available_backends(device: torch.device) -> list[str]:
     return [b.name for b in REGISTRY.get(device.type, (_TORCH,)) if b.module() is not None]
 
 
-def backend(device: torch.device) -> ModuleType:
+def backend(device: torch.device) -> Kernels:
     """The kernel module to use on ``device``: forced by ``GPU_KQUANT_KERNELS`` or the best available."""
     forced = os.environ.get(ENV_VAR, "auto")
     candidates = REGISTRY.get(device.type, (_TORCH,))
@@ -83,7 +106,7 @@ def backend(device: torch.device) -> ModuleType:
         if forced in ("auto", b.name):
             module = b.module()
             if module is not None:
-                return module
+                return cast(Kernels, module)
     if forced not in ("auto", "torch"):
         raise ValueError(f"{ENV_VAR}={forced!r} is not available on {device.type}")
-    return reference
+    return cast(Kernels, reference)

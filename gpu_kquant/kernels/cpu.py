@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 try:  # built at install time; the torch reference stands in without it
-    from .. import _kernels
+    from .. import _kernels  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - exercised only where the extension did not build
     _kernels = None
 
