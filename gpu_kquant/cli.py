@@ -170,7 +170,7 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
         choices=range(10),
         default=None,
         metavar="0-9",
-        help="zlib level for PNG (default: 9 up to 8 colours, else 6, as measured)",
+        help="zlib level for PNG (default: 9 up to 8 colours, else 6, as measured; 9 gives the smallest files)",
     )
     parser.add_argument(
         "--max-pixels",

@@ -285,15 +285,15 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Dec
 
 
 def default_compress_level(n_colors: int) -> int:
-    """zlib level for an indexed PNG of ``n_colors`` entries: 9, as pngquant uses.
+    """zlib level for an indexed PNG of ``n_colors`` entries: 9 up to 8 colours, else 6.
 
-    Measured on the bundled photos (filter None): level 9 is 3.2% smaller than 6 on
-    flower at k=16 and 0.6-1.8% at k=16..64 on the others, which is what it takes to
-    stay at or below pngquant --nofs's bytes; it costs about three times the
-    compression time of level 6.
+    Level 9 (pngquant's) is 0.6-3.2% smaller than 6 on the bundled photos at k = 16..64,
+    but on a 2560x1600 photo at k = 16 it took 1.04 s against 0.27 s, and with it a
+    folder of such photos became encode-bound (decode + encode alone: 0.89 images/s on
+    2 cores, below pngquant's 0.53 x 2). Level 9 is kept where it is cheap and gains
+    most (up to 8 colours: up to 4%); ``--compress-level 9`` asks for the smallest files.
     """
-    del n_colors  # kept for callers; every palette size gains from level 9
-    return 9
+    return 9 if n_colors <= 8 else 6
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -331,7 +331,7 @@ def encode_png(palette: np.ndarray, indices: np.ndarray, compress_level: int | N
     on the bundled photos at k=16 and 64, and zlib's Z_FILTERED and Z_RLE strategies
     1-30% larger than the default. With filter None, deflate sees a permutation of the
     same symbols whatever the palette order, so the order does not matter (measured
-    within 0.1%). Palettes of 5-16 colours are also tried at 8 bits per pixel, which
+    within 0.1%). At level 9, palettes of 5-16 colours are also tried at 8 bits per pixel, which
     lets deflate match runs at odd pixel offsets: 1-3% smaller on two of the five
     bundled photos at k=16. The tRNS chunk stops at the last entry with transparency.
     """
@@ -341,7 +341,7 @@ def encode_png(palette: np.ndarray, indices: np.ndarray, compress_level: int | N
     level = default_compress_level(n) if compress_level is None else compress_level
     idx = np.ascontiguousarray(indices, dtype=np.uint8)
     data = _idat(idx, bits, level)
-    if bits == 4:
+    if bits == 4 and level >= 9:  # the smallest-file setting also tries 8 bits per pixel
         wide = _idat(idx, 8, level)
         if len(wide) < len(data):
             bits, data = 8, wide

