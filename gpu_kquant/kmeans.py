@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -345,6 +346,22 @@ class _Rows:
         return out[0], out[1], out[2], out[3]
 
 
+def _whole_lloyd(
+    whole: Callable[..., tuple[torch.Tensor, ...]],
+    x: torch.Tensor,
+    w: torch.Tensor,
+    sums: FixedPointSums,
+    tol_abs: torch.Tensor,
+    centroids: torch.Tensor,
+    n_eff: torch.Tensor,
+    max_iter: int,
+) -> KMeansResult:
+    """The Lloyd loop as one kernel call per batch (the C backend's ``lloyd``)."""
+    scales = (sums.scale_x, sums.scale_w)
+    c, labels, d2, n_iter, conv = whole(x, w, sums.qx, sums.qw, scales, centroids, n_eff, tol_abs, max_iter)
+    return KMeansResult(c, labels, (w * d2).sum(1, dtype=torch.float64), n_iter, conv, n_eff)
+
+
 def _lloyd(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -364,12 +381,9 @@ def _lloyd(
     b, _, _ = x.shape
     k = centroids.shape[1]
     dev = x.device
-    kern = _kernels(dev)
-    whole = getattr(kern, "lloyd", None)
+    whole = getattr(_kernels(dev), "lloyd", None)
     if whole is not None and not record:  # a whole-loop kernel (CPU): no Python per iteration
-        scales = (sums.scale_x, sums.scale_w)
-        c, labels, d2, n_iter, conv = whole(x, w, sums.qx, sums.qw, scales, centroids, n_eff, tol_abs, max_iter)
-        return KMeansResult(c, labels, (w * d2).sum(1, dtype=torch.float64), n_iter, conv, n_eff)
+        return _whole_lloyd(whole, x, w, sums, tol_abs, centroids, n_eff, max_iter)
     in_range = torch.arange(k, device=dev)[None, :] < n_eff[:, None]
     pos = w > 0
     rows = _Rows(x, sums, compact=dev.type == "cpu")
