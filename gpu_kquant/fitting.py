@@ -29,17 +29,7 @@ def map_images(images: list[np.ndarray], palette: Palette, *, dither: str, devic
 
 def fit_shared_palette(hist: ColorHistogram, fit: FitOptions, device: torch.device) -> Palette:
     """One palette of at most ``fit.k`` colours for a whole colour histogram."""
-    return Palette.fit(
-        hist,
-        fit.k,
-        space=fit.space,
-        device=device,
-        seed=fit.seed,
-        n_init=fit.n_init,
-        max_iter=fit.max_iter,
-        tol=fit.tol,
-        max_fit_points=fit.max_fit_points,
-    )
+    return Palette.fit(hist, fit.k, device=device, options=fit)
 
 
 def reach_quality(

@@ -22,6 +22,7 @@ from PIL import Image
 from .colors import ColorSet, color_set, pack, unpack
 from .device import resolve_device
 from .imagefiles import encode_png
+from .options import FitOptions
 from .quantize import SPACES, Quantized, fit_palette, map_to_palette, to_tensor
 
 __all__ = ["ColorHistogram", "Palette", "PaletteFileError"]
@@ -124,13 +125,19 @@ class Palette:
         max_iter: int = 300,
         tol: float = 1e-4,
         max_fit_points: int | None = None,
+        options: FitOptions | None = None,
     ) -> Palette:
         """Fit one palette of at most k colours to many images.
 
         Args:
             sources: a :class:`ColorHistogram`, or an iterable of images and/or
                 histograms (summed exactly before fitting).
+            options: every fit setting as one :class:`FitOptions` (the keywords are then
+                ignored).
         """
+        if options is None:
+            fields = {"n_init": n_init, "max_iter": max_iter, "tol": tol, "max_fit_points": max_fit_points}
+            options = FitOptions(k=k, space=space, seed=seed, **fields)  # type: ignore[arg-type]
         if isinstance(sources, ColorHistogram):
             hist = sources
         else:
@@ -139,18 +146,8 @@ class Palette:
                 hist.merge(src) if isinstance(src, ColorHistogram) else hist.add(src)
         if hist.pixels == 0:
             raise ValueError("no pixels to fit a palette on")
-        colors = fit_palette(
-            hist.color_set(),
-            k,
-            space=space,
-            device=device,
-            seed=seed,
-            n_init=n_init,
-            max_iter=max_iter,
-            tol=tol,
-            max_fit_points=max_fit_points,
-        )
-        return cls(colors, space)
+        colors = fit_palette(hist.color_set(), options.k, device=device, options=options)
+        return cls(colors, options.space)
 
     def apply(self, images: list[object], *, dither: str = "none", device: str | None = None) -> list[Quantized]:
         """Map images to this palette (see :func:`gpu_kquant.map_to_palette`)."""
