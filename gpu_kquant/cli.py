@@ -110,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
             "and write palette images into a mirrored folder tree, with a per-file report."
         ),
         epilog=(
-            "Outputs go to a sibling folder DIR_k<k> unless -o is given; existing outputs are skipped, so "
-            "rerunning a command resumes it. Exit codes: 0 all done, 1 some inputs failed, 2 usage error, "
-            "130 interrupted."
+            "Outputs go to a sibling folder DIR_k<k> unless -o is given; outputs its manifest lists as made "
+            "with the same options are skipped, so rerunning a command resumes it. Exit codes: 0 all done, "
+            "1 some inputs failed, 2 usage error, 130 interrupted."
         ),
         formatter_class=_HelpFormatter,
     )
@@ -148,7 +148,11 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         help="images per batched k-means (default: 16 on CUDA, 4 on the CPU)",
     )
     parser.add_argument("--workers", type=_positive, default=default_workers(), help="decode and write threads each")
-    parser.add_argument("--overwrite", action="store_true", help="redo inputs whose output already exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo outputs gpu_kquant wrote before (a file it did not write is never replaced)",
+    )
     parser.add_argument(
         "--report", type=Path, default=None, help="JSON-lines report (default: OUT/gpu_kquant_report.jsonl)"
     )

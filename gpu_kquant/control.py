@@ -12,10 +12,12 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import torch
 
+from .manifest import Manifest
 from .planning import Job
 from .preview import Gallery
 from .report import ReportWriter, Row, Summary
@@ -121,13 +123,21 @@ def open_report(job: Job, setup: RunSetup, summary: Summary) -> ReportWriter:
 
 
 class RowEmitter:
-    """Writes each row to the report and tells the progress callback (thread-safe through the report)."""
+    """Writes each row to the report (an ``ok`` row's output also to the manifest) and tells the progress callback.
 
-    def __init__(self, report: ReportWriter, progress: Progress | None = None) -> None:
+    Thread-safe through the report and the manifest.
+    """
+
+    def __init__(
+        self, report: ReportWriter, progress: Progress | None = None, manifest: Manifest | None = None
+    ) -> None:
         self.report = report
         self.progress = progress
+        self.manifest = manifest
 
     def __call__(self, row: Row) -> None:
+        if self.manifest is not None and row.status == "ok" and row.output and row.output_hash is not None:
+            self.manifest.record(Path(row.output), row.output_bytes or 0, row.output_hash)
         self.report.write(row)
         if self.progress is not None:
             self.progress(1, (row.width or 0) * (row.height or 0) if row.status == "ok" else 0)

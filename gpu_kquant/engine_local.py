@@ -19,6 +19,7 @@ import torch
 
 from .control import Progress, RowEmitter, StageClock, call_size, open_report, stoppable
 from .device import resolve_device
+from .manifest import open_manifest
 from .options import EngineOptions, RunOptions
 from .palette import ColorHistogram
 from .planning import Job, Task, remove_stale_temps, split_tasks
@@ -120,7 +121,8 @@ def run_local(job: Job, run: RunOptions, progress: Progress | None = None) -> Su
     setup = setup_run(job, run, devices[0], shared_histogram)
     summary = Summary()
     report = open_report(job, setup, summary)
-    emit = RowEmitter(report, progress)
+    manifest = open_manifest(job, run, setup, report.run_id)
+    emit = RowEmitter(report, progress, manifest)
     stop, clock = threading.Event(), StageClock()
     # decode and write share one pool: ``workers`` threads for each, as --workers says
     io_threads = 2 * run.engine.workers
@@ -133,16 +135,18 @@ def run_local(job: Job, run: RunOptions, progress: Progress | None = None) -> Su
             inputs = {t.src.resolve() for t in job.tasks}
             todo: list[Task] = []
             for task in job.tasks:
-                row = precheck(task, run.output, setup.fit.k, inputs)
+                row = precheck(task, run.output, setup.fit.k, inputs, manifest)
                 if row is None:
                     todo.append(task)
                 else:
                     emit(row)
+            manifest.claim(t.dst for t in todo)  # before any write: an output renamed into place is known as ours
             parts = split_tasks(todo, len(workers), sharded=run.engine.shard[1] > 1) if len(workers) > 1 else [todo]
             _run_workers(workers, parts, emit)
     finally:
         for worker in workers:
             worker.close()
+        manifest.close()  # before the report releases the run's lock
         report.close()
         summary.stage_seconds.update(clock.take())
         summary.seconds = time.perf_counter() - start

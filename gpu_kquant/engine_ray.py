@@ -2,12 +2,13 @@
 
 ``python -m gpu_kquant DIR --engine ray [--ray-address ADDRESS]``:
 
-1. the driver plans the tasks (paths only, never pixels) and skips existing outputs
-   (resume) before anything is scheduled;
+1. the driver plans the tasks (paths only, never pixels) and skips the outputs its
+   manifest says are done (resume, :mod:`gpu_kquant.manifest`) before anything is scheduled;
 2. ``map_batches`` over the paths with an actor pool (:class:`WorkerActor`, one GPU per
    actor when the cluster has GPUs): each actor keeps one worker across batches, which
    decodes, quantizes and writes every output itself and returns only report rows;
-3. the driver streams the rows into the same report as the local engine.
+3. the driver streams the rows into the same report as the local engine, and each
+   output's size and hash into the manifest.
 
 Only paths and rows cross the object store; the run's setup (fixed palette included)
 reaches each actor once, in its constructor. Workers that die are restarted and their
@@ -43,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from . import ray_session
 from .control import Progress, RowEmitter, call_size, default_batch_size, open_report, stoppable
 from .device import resolve_device
+from .manifest import Manifest, open_manifest
 from .options import EngineOptions, RunOptions
 from .planning import Job, JobError, Task, remove_stale_temps
 from .process import configure_process
@@ -257,10 +259,13 @@ def cluster_resources() -> tuple[int, int]:
 
 
 def _needs_ray(job: Job, run: RunOptions, inputs: set[Path]) -> bool:
-    """Whether there is work for Ray: a shared palette to fit or an input without an output."""
+    """Whether there is work for Ray: a shared palette to fit or an input whose output is to be (re)done."""
     saved = job.out_dir / PALETTE_FILES[0]
-    fits_palette = run.output.palette == "shared" and (run.output.overwrite or not saved.exists())
-    return fits_palette or any(precheck(t, run.output, run.fit.k, inputs) is None for t in job.tasks)
+    if run.output.palette == "shared" and (run.output.overwrite or not saved.exists()):
+        return True
+    setup = setup_run(job, run, _driver_device(run.engine), ray_histogram)  # no histogram: no palette to fit
+    manifest = open_manifest(job, run, setup, "")  # only read here
+    return any(precheck(t, run.output, setup.fit.k, inputs, manifest) is None for t in job.tasks)
 
 
 def run_on_ray(
@@ -280,6 +285,7 @@ def run_on_ray(
     stages: dict[str, float] = {}
     inputs = {t.src.resolve() for t in job.tasks}
     report = None
+    manifest: Manifest | None = None
     try:
         # Ray starts only when there is work: a finished job resumes without it.
         ray_up = connected(run.engine.ray_address) if _needs_ray(job, run, inputs) else contextlib.nullcontext()
@@ -288,17 +294,21 @@ def run_on_ray(
             # engine; --palette shared counts its histogram on Ray and fits on the driver.
             setup = setup_run(job, run, _driver_device(run.engine), ray_histogram)
             report = open_report(job, setup, summary)
-            emit = RowEmitter(report, progress)
+            manifest = open_manifest(job, run, setup, report.run_id)
+            emit = RowEmitter(report, progress, manifest)
             todo: list[tuple[int, Task]] = []
             for i, task in enumerate(job.tasks):
-                row = precheck(task, run.output, setup.fit.k, inputs)
+                row = precheck(task, run.output, setup.fit.k, inputs, manifest)
                 if row is None:
                     todo.append((i, task))
                 else:
                     emit(row)
+            manifest.claim(t.dst for _, t in todo)  # before any actor writes: its outputs are known as ours
             if todo:
                 _process_on_ray(todo, setup, run.engine, actor, emit, stages)
     finally:
+        if manifest is not None:
+            manifest.close()  # before the report releases the run's lock
         if report is not None:
             report.close()
         summary.stage_seconds.update(stages)

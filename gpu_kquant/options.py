@@ -118,7 +118,8 @@ class OutputOptions:
         dither: ``none``, ``fs`` or ``ordered`` (see :data:`gpu_kquant.dither.DITHERS`).
         quality: (minimum, target) PSNR in dB: the smallest k reaching the target, and no
             output below the minimum.
-        overwrite: redo inputs whose output exists (default: skip them, so a rerun resumes).
+        overwrite: redo outputs gpu_kquant wrote with these options (default: skip them, so a
+            rerun resumes); a file it did not write is never replaced (:mod:`gpu_kquant.manifest`).
         skip_if_larger: never write an output larger than its input.
         ciede2000: add the mean CIEDE2000 to every row.
         preview: write the HTML gallery (one input file: a side-by-side PNG).

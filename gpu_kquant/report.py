@@ -68,6 +68,8 @@ class Row:
     psnr_blur: float | None = None
     ciede2000: float | None = None
     notes: list[str] = field(default_factory=list)
+    # blake2b-128 (hex) of an ``ok`` row's output bytes, as the manifest records it (gpu_kquant.manifest).
+    output_hash: str | None = None
     # The run that wrote the row (set by ReportWriter): rows of resumed runs accumulate.
     run: str | None = None
     # What the --preview gallery shows of this image; not written to the report.

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .imagefiles import DecodeError
+from .manifest import CURRENT, FOREIGN, Manifest
 from .options import OutputOptions
 from .planning import Task
 from .report import Row
@@ -28,13 +29,20 @@ def decode_failure_row(task: Task, k: int, exc: Exception) -> Row:
     return failed_row(task, k, f"cannot decode: {type(exc).__name__}: {exc}")
 
 
-def precheck(task: Task, output: OutputOptions, k: int, inputs: set[Path]) -> Row | None:
-    """The row of a task that needs no work (its output exists) or must not run, else None.
+def precheck(task: Task, output: OutputOptions, k: int, inputs: set[Path], manifest: Manifest) -> Row | None:
+    """The row of a task that needs no work or must not run, else None.
 
-    ``inputs`` are the resolved paths of every input of the run: an output never replaces one.
+    ``inputs`` are the resolved paths of every input of the run: an output never replaces
+    one. ``manifest`` says whether an existing output is gpu_kquant's: a file it did not
+    write is never replaced (a ``failed`` row, even with ``--overwrite``); one it wrote with
+    these options and intact is ``skipped`` unless ``--overwrite``; any other is redone.
     """
     if task.dst.resolve() in inputs:
         return failed_row(task, k, "output path is an input file; choose another -o or --format")
-    if task.dst.exists() and not output.overwrite:
+    verdict = manifest.verdict(task.dst)
+    if verdict == FOREIGN:
+        reason = f"output {task.dst} exists and was not written by gpu_kquant; move it or choose another -o"
+        return failed_row(task, k, reason)
+    if verdict == CURRENT and not output.overwrite:
         return Row(str(task.src), str(task.dst), "skipped", reason="output exists", k=k)
     return None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .imagefiles import Decoded, encode, write_atomic
+from .manifest import content_hash
 from .metrics import mean_ciede2000
 from .planning import Task
 from .preview import side_by_side, thumbnail_pair
@@ -78,13 +79,14 @@ def size_guard(item: Item, result: Quantized, size: int, setup: RunSetup) -> Row
     return _row(item, result, "larger", setup, reason=reason, output_bytes=size)
 
 
-def _ok_row(item: Item, result: Quantized, size: int, notes: list[str], setup: RunSetup) -> Row:
+def _ok_row(item: Item, result: Quantized, size: int, digest: str, notes: list[str], setup: RunSetup) -> Row:
     return _row(
         item,
         result,
         "ok",
         setup,
         output_bytes=size,
+        output_hash=digest,
         mse=round(result.mse, 4),
         psnr_blur=None if result.blurred_psnr is None else round(result.blurred_psnr, 3),
         notes=item.decoded.notes + notes,
@@ -130,7 +132,7 @@ def write_result(item: Item, result: Quantized | Exception, setup: RunSetup) -> 
         write_atomic(task.dst, data)
     except Exception as exc:
         return failed_row(task, setup.fit.k, f"cannot write output: {exc}", width=w, height=h)
-    row = _ok_row(item, result, len(data), notes, setup)
+    row = _ok_row(item, result, len(data), content_hash(data), notes, setup)
     if setup.output.ciede2000:
         row.ciede2000 = round(mean_ciede2000(item.decoded.pixels, result.palette, result.indices), 4)
     if setup.preview is not None:

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import gpu_kquant.ray_session as rsession  # noqa: E402
 from gpu_kquant.engine_local import run_local  # noqa: E402
 from gpu_kquant.engine_ray import WorkerActor, resources, run_on_ray  # noqa: E402
 from gpu_kquant.imagefiles import TEMP_PREFIX  # noqa: E402
+from gpu_kquant.manifest import MANIFEST  # noqa: E402
 from gpu_kquant.options import EngineOptions, FitOptions, OutputOptions, RunOptions  # noqa: E402
 from gpu_kquant.planning import plan_job  # noqa: E402
 from gpu_kquant.quantize import Quantized  # noqa: E402
@@ -86,7 +88,7 @@ def outputs(root: Path) -> dict[str, str]:
     return {
         p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != REPORT and not p.name.startswith(TEMP_PREFIX)
+        if p.is_file() and p.name not in (REPORT, MANIFEST) and not p.name.startswith(TEMP_PREFIX)
     }
 
 
@@ -161,33 +163,42 @@ def test_same_outputs_and_report_as_local(ray_cluster: str, tree: Path, local: P
     assert sum(px for _, px in seen) == ok_pixels
 
 
-def test_resume_skips_existing_outputs(
+def test_resume_redoes_what_the_manifest_does_not_vouch_for(
     ray_cluster: str, tree: Path, local: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tree.parent / "resume"
     config = options(tree, out)
     written = list(outputs(local))
+    out.mkdir()
+    shutil.copy(local / MANIFEST, out / MANIFEST)  # paths in the manifest are relative to the folder
     for rel in written[:-3]:  # a run killed after most outputs were written
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes((local / rel).read_bytes())
+    (out / written[0]).write_bytes(b"")  # and one output left empty (a full disk, say)
     summary = ray_run(config)
-    assert summary.counts == {"skipped": 43, "ok": 3, "failed": len(BAD)}
+    assert summary.counts == {"skipped": 42, "ok": 4, "failed": len(BAD)}
     assert_same_outputs(out, local)
     redone = {r["output"] for r in rows(out, tree).values() if r["status"] == "ok"}
-    assert redone == set(written[-3:])
+    assert redone == {written[0], *written[-3:]}
 
     def no_ray(*args: object) -> None:
         raise AssertionError("Ray was used with nothing to do")
 
+    # Files gpu_kquant did not write are never replaced, and give failed rows without starting Ray.
     monkeypatch.setattr(gray, "_process_on_ray", no_ray)
     good = make_tree(tree.parent / "good", n=3, bad=False)
     good_out = tree.parent / "good_out"
-    config = options(good, good_out)
+    config = dataclasses.replace(options(good, good_out), output=OutputOptions(out=good_out, overwrite=True))
     for rel in ("img00.jpg", "a/img01.png", "b/c/img02.png"):
         dst = (good_out / rel).with_suffix(".png")
         dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_bytes(b"done before")
-    assert ray_run(config).counts == {"skipped": 3}
+        dst.write_bytes(b"the user's own file")
+    assert ray_run(config).counts == {"failed": 3}
+    assert all(p.read_bytes() == b"the user's own file" for p in good_out.rglob("*.png"))
+    assert all("not written by gpu_kquant" in r["reason"] for r in rows(good_out, good).values())
+    # A finished job resumes without Ray.
+    local_run(options(good, tree.parent / "good_done"))
+    assert ray_run(options(good, tree.parent / "good_done")).counts == {"skipped": 3}
 
 
 def test_shared_palette_same_as_local(ray_cluster: str, tmp_path: Path) -> None:
