@@ -207,7 +207,8 @@ class Manifest:
 
     Args:
         roots: the folders whose manifests cover the outputs (``-o``, or each input's output root).
-        setup: the run's setup, whose :func:`fingerprint` the outputs are compared against.
+        settings: what determines the bytes of this run's outputs (:func:`fingerprint` of its setup);
+            outputs are compared against its :func:`fingerprint_id`.
         run_id: the run's id (the report's), written on every line.
         shard: the ``--shard`` of the run, which names the manifest file it writes.
 
@@ -215,10 +216,12 @@ class Manifest:
     line for it; :meth:`close` fsyncs and closes them.
     """
 
-    def __init__(self, roots: Iterable[Path], setup: RunSetup, run_id: str, shard: tuple[int, int] = (0, 1)) -> None:
+    def __init__(
+        self, roots: Iterable[Path], settings: dict[str, Any], run_id: str, shard: tuple[int, int] = (0, 1)
+    ) -> None:
         # deepest first, so a task belongs to the innermost root that holds it
         self.roots = sorted({Path(r) for r in roots}, key=lambda r: len(r.parts), reverse=True)
-        self.settings = fingerprint(setup)
+        self.settings = settings
         self.options = fingerprint_id(self.settings)
         self.run_id = run_id
         self.name = manifest_name(shard)
@@ -308,4 +311,4 @@ class Manifest:
 def open_manifest(job: Job, run: RunOptions, setup: RunSetup, run_id: str) -> Manifest:
     """The manifest of a planned run: in ``-o``, else in each input's output root."""
     roots = [job.out_dir] if run.output.out is not None else job.roots
-    return Manifest(roots, setup, run_id, run.engine.shard)
+    return Manifest(roots, fingerprint(setup), run_id, run.engine.shard)

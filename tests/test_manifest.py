@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,17 @@ from common_utils import cli, photo, read_report
 from PIL import Image
 
 from gpu_kquant.engine_local import run_local
-from gpu_kquant.manifest import ABSENT, CURRENT, FOREIGN, MANIFEST, STALE, Manifest, content_hash, fingerprint_id
+from gpu_kquant.manifest import (
+    ABSENT,
+    CURRENT,
+    FOREIGN,
+    MANIFEST,
+    STALE,
+    Manifest,
+    content_hash,
+    fingerprint,
+    fingerprint_id,
+)
 from gpu_kquant.options import EngineOptions, FitOptions, OutputOptions, RunOptions
 from gpu_kquant.planning import plan_job
 from gpu_kquant.report import Summary
@@ -138,8 +149,9 @@ def setup(k: int = 4) -> RunSetup:
 
 
 def test_verdicts(tmp_path: Path) -> None:
-    manifest = Manifest([tmp_path], setup(), "run1")
-    claimed, done, other = tmp_path / "a" / "claimed.png", tmp_path / "a" / "done.png", tmp_path / "other.png"
+    manifest = Manifest([tmp_path], fingerprint(setup()), "run1")
+    claimed, other = tmp_path / "a" / "claimed.png", tmp_path / "other.png"
+    done = tmp_path / "a" / os.fsdecode(b"done-\xff.png")  # a name that is not UTF-8 (surrogate-escaped)
     assert manifest.verdict(done) == ABSENT
     manifest.claim([claimed, done])
     for path in (claimed, done, other):
@@ -147,21 +159,21 @@ def test_verdicts(tmp_path: Path) -> None:
         path.write_bytes(b"bytes")
     manifest.record(done, 5, content_hash(b"bytes"))
     manifest.close()
-    fresh = Manifest([tmp_path], setup(), "run2")
+    fresh = Manifest([tmp_path], fingerprint(setup()), "run2")
     # renamed into place by a run killed before its entry: ours, so redone
     assert fresh.verdict(claimed) == STALE
     assert fresh.verdict(done) == CURRENT
     assert fresh.verdict(other) == FOREIGN
-    assert Manifest([tmp_path], setup(k=5), "run3").verdict(done) == STALE
+    assert Manifest([tmp_path], fingerprint(setup(k=5)), "run3").verdict(done) == STALE
     lines = [json.loads(x) for x in (tmp_path / MANIFEST).read_text().splitlines()]
     assert lines[0]["options"] == fingerprint_id(lines[0]["settings"]) == manifest.options
-    assert lines[-1]["path"] == "a/done.png" and lines[-1]["size"] == 5
+    assert lines[-1]["path"] == "a/done-\udcff.png" and lines[-1]["size"] == 5
 
 
 def test_the_fingerprint_follows_what_makes_the_bytes() -> None:
     from gpu_kquant.palette import Palette
 
-    base = Manifest([], setup(), "").options
+    base = fingerprint_id(fingerprint(setup()))
     changed = [
         RunSetup(FitOptions(k=4, seed=1), OutputOptions()),
         RunSetup(FitOptions(k=4, space="lab"), OutputOptions()),
@@ -171,7 +183,7 @@ def test_the_fingerprint_follows_what_makes_the_bytes() -> None:
         RunSetup(FitOptions(k=4), OutputOptions(quality=(20.0, 30.0))),
         RunSetup(FitOptions(k=4), OutputOptions(), Palette(np.zeros((4, 3), np.uint8))),
     ]
-    ids = {Manifest([], s, "").options for s in changed}
+    ids = {fingerprint_id(fingerprint(s)) for s in changed}
     assert len(ids) == len(changed) and base not in ids
     same_bytes = dataclasses.replace(setup(), output=OutputOptions(overwrite=True, skip_if_larger=True, preview=True))
-    assert Manifest([], same_bytes, "").options == base
+    assert fingerprint_id(fingerprint(same_bytes)) == base
