@@ -22,6 +22,7 @@ open and unreadable lines are skipped; the file is fsync'd at close.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,7 +31,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,7 @@ def manifest_name(shard: tuple[int, int]) -> str:
     return MANIFEST if count == 1 else MANIFEST.replace(".jsonl", f".shard-{index}-of-{count}.jsonl")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One written output: its size, modification time, hash and options id."""
 
@@ -131,32 +132,22 @@ class Entry:
     options: str
 
 
-@dataclass
-class _Known:
-    """What the manifests of one root say about one path."""
-
-    entries: list[Entry] = field(default_factory=list)
-
-
-def _read_manifests(folder: Path) -> dict[str, _Known]:
+def _read_manifests(folder: Path) -> dict[str, list[Entry]]:
     """Every path named by the manifests in ``folder`` (all shards' files); unreadable lines are skipped."""
-    known: dict[str, _Known] = {}
+    known: dict[str, list[Entry]] = {}
     try:
         files = sorted(folder.glob(MANIFEST.replace(".jsonl", "*.jsonl")))
     except OSError:
         return known
     for path in files:
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.readlines()
-        except OSError:
-            continue
-        for line in lines:
-            _read_line(line, known)
+        # an unreadable manifest vouches for nothing: its outputs are refused, never overwritten
+        with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                _read_line(line, known)
     return known
 
 
-def _read_line(line: str, known: dict[str, _Known]) -> None:
+def _read_line(line: str, known: dict[str, list[Entry]]) -> None:
     try:
         data = json.loads(line)
     except ValueError:  # a line torn by a kill
@@ -165,14 +156,14 @@ def _read_line(line: str, known: dict[str, _Known]) -> None:
         return
     claim = data.get("claim")
     if isinstance(claim, str):
-        known.setdefault(claim, _Known())
+        known.setdefault(claim, [])
         return
     path, size, digest, options = (data.get(k) for k in ("path", "size", "blake2b", "options"))
     if not (isinstance(path, str) and isinstance(size, int) and isinstance(digest, str) and isinstance(options, str)):
         return
     mtime = data.get("mtime_ns")
     entry = Entry(size, mtime if isinstance(mtime, int) else None, digest, options)
-    known.setdefault(path, _Known()).entries.append(entry)
+    known.setdefault(path, []).append(entry)
 
 
 class _Appender:
@@ -225,7 +216,7 @@ class Manifest:
         self.options = fingerprint_id(self.settings)
         self.run_id = run_id
         self.name = manifest_name(shard)
-        self._known: dict[Path, dict[str, _Known]] = {}
+        self._known: dict[Path, dict[str, list[Entry]]] = {}
         self._files: dict[Path, _Appender] = {}
         self._lock = threading.Lock()
 
@@ -238,7 +229,7 @@ class Manifest:
                 continue
         return dst.parent, dst.name
 
-    def _paths(self, root: Path) -> dict[str, _Known]:
+    def _paths(self, root: Path) -> dict[str, list[Entry]]:
         with self._lock:
             if root not in self._known:
                 self._known[root] = _read_manifests(root)
@@ -258,7 +249,7 @@ class Manifest:
         known = self._paths(root).get(rel)
         if known is None:
             return FOREIGN
-        same = [e for e in known.entries if e.size == st.st_size]
+        same = [e for e in known if e.size == st.st_size]
         if not same:
             return STALE
         intact = [e for e in same if e.mtime_ns == st.st_mtime_ns]
