@@ -32,7 +32,10 @@ def precheck(task: Task, output: OutputOptions, k: int, inputs: set[Path]) -> Ro
     """The row of a task that needs no work (its output exists) or must not run, else None.
 
     ``inputs`` are the resolved paths of every input of the run: an output never replaces one.
+    A task planning found unusable (``task.error``) fails here, never decoded.
     """
+    if task.error is not None:
+        return failed_row(task, k, task.error)
     if task.dst.resolve() in inputs:
         return failed_row(task, k, "output path is an input file; choose another -o or --format")
     if task.dst.exists() and not output.overwrite:
