@@ -257,12 +257,13 @@ def _walk_input(inp: Path, out_root: Path, fmt: str, exclude: set[str], walked: 
     errors: list[OSError] = []
     own: set[str] = set()
     found: list[_Found] = []
+    top = inp.resolve().name
     for src in _walk_dir(inp, exclude, errors, own):
         if src.suffix.lower() not in IMAGE_EXTENSIONS or src.name.startswith(TEMP_PREFIX):
             walked.ignored += 1
             continue
         rel = src.relative_to(inp).as_posix()
-        found.append((src, output_path_for(src, inp, out_root, fmt), display_path(f"{inp.resolve().name}/{rel}")))
+        found.append((src, output_path_for(src, inp, out_root, fmt), display_path(f"{top}/{rel}")))
     mine = [f for f in found if fold(f[0]) in own]
     if mine and len(mine) < len(found):
         walked.own_outputs += len(mine)
