@@ -24,9 +24,10 @@ from .device import resolve_device
 from .dither import DITHERS
 from .engine_local import run_local
 from .imagefiles import FORMATS
+from .naming import display_path
 from .options import EngineOptions, FitOptions, OutputOptions, RunOptions, default_workers
 from .palette import Palette, PaletteFileError
-from .planning import Job, JobError, plan_job
+from .planning import MANIFEST_PREFIX, Job, JobError, plan_job
 from .process import configure_process
 from .report import RunLock, Summary, check_report_path
 from .spaces import SPACES
@@ -378,7 +379,10 @@ def _main_images(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             run_lock.release()
     for line in summary.lines():
         print(line, file=sys.stderr)
-    print(f"  report: {job.report}", file=sys.stderr)
+    if job.own_outputs:  # what a later run on a parent folder left out, said rather than done silently
+        note = f"{job.own_outputs} images left out: outputs of an earlier run, listed in a {MANIFEST_PREFIX}*.jsonl"
+        print(f"  {note}", file=sys.stderr)
+    print(f"  report: {display_path(job.report)}", file=sys.stderr)
     if args.demo and run.output.out is not None:
         print(f"Demo outputs are in {run.output.out.resolve()}/", file=sys.stderr)
     if summary.interrupted:

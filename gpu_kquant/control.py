@@ -7,6 +7,7 @@ how they get tasks to a :class:`gpu_kquant.worker.Worker` and its rows back.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -18,6 +19,7 @@ from typing import TypeVar
 import torch
 
 from .manifest import Manifest
+from .naming import display_path
 from .planning import Job
 from .preview import Gallery
 from .report import ReportWriter, Row, Summary
@@ -122,6 +124,15 @@ def open_report(job: Job, setup: RunSetup, summary: Summary) -> ReportWriter:
     return ReportWriter(job.report, summary, gallery)
 
 
+def _displayable(row: Row) -> Row:
+    """``row`` with its paths as text a UTF-8 report can hold (file names that are not UTF-8 shown escaped)."""
+    text, out = display_path(row.input), None if row.output is None else display_path(row.output)
+    if text == row.input and out == row.output:
+        return row
+    preview = None if row.preview is None else {**row.preview, "input": text}
+    return dataclasses.replace(row, input=text, output=out, preview=preview)
+
+
 class RowEmitter:
     """Writes each row to the report (an ``ok`` row's output also to the manifest) and tells the progress callback.
 
@@ -138,7 +149,7 @@ class RowEmitter:
     def __call__(self, row: Row) -> None:
         if self.manifest is not None and row.status == "ok" and row.output and row.output_hash is not None:
             self.manifest.record(Path(row.output), row.output_bytes or 0, row.output_hash)
-        self.report.write(row)
+        self.report.write(_displayable(row))
         if self.progress is not None:
             self.progress(1, (row.width or 0) * (row.height or 0) if row.status == "ok" else 0)
 

@@ -132,7 +132,7 @@ def run_local(job: Job, run: RunOptions, progress: Progress | None = None) -> Su
     ]
     try:
         with stoppable(summary, stop):
-            inputs = {t.src.resolve() for t in job.tasks}
+            inputs = {t.src.resolve() for t in job.tasks if t.error is None}
             todo: list[Task] = []
             for task in job.tasks:
                 row = precheck(task, run.output, setup.fit.k, inputs, manifest)

@@ -283,7 +283,7 @@ def run_on_ray(
     remove_stale_temps(job.roots)
     summary = Summary()
     stages: dict[str, float] = {}
-    inputs = {t.src.resolve() for t in job.tasks}
+    inputs = {t.src.resolve() for t in job.tasks if t.error is None}
     report = None
     manifest: Manifest | None = None
     try:

@@ -36,7 +36,10 @@ def precheck(task: Task, output: OutputOptions, k: int, inputs: set[Path], manif
     one. ``manifest`` says whether an existing output is gpu_kquant's: a file it did not
     write is never replaced (a ``failed`` row, even with ``--overwrite``); one it wrote with
     these options and intact is ``skipped`` unless ``--overwrite``; any other is redone.
+    A task planning found unusable (``task.error``) fails here, never decoded.
     """
+    if task.error is not None:
+        return failed_row(task, k, task.error)
     if task.dst.resolve() in inputs:
         return failed_row(task, k, "output path is an input file; choose another -o or --format")
     verdict = manifest.verdict(task.dst)

@@ -21,7 +21,7 @@ import torch
 from .control import StageClock, batch_groups, default_batch_size, even_group_size, quantizer_threads
 from .device import resolve_device
 from .fitting import map_images, quantize_images, reach_quality
-from .imagefiles import load_image
+from .imagefiles import DecodeError, load_image
 from .planning import Task
 from .quantize import Quantized
 from .report import Row
@@ -37,6 +37,8 @@ RowSink = Callable[[Row], None]
 
 def read_task(task: Task, max_pixels: int | None) -> Item:
     """Decode one input; raises :class:`~gpu_kquant.imagefiles.DecodeError` with the reason."""
+    if task.error is not None:  # planning found it unusable: never opened
+        raise DecodeError(task.error)
     t0 = time.perf_counter()
     decoded = load_image(task.src, max_pixels=max_pixels)
     return Item(task, decoded, task.src.stat().st_size, time.perf_counter() - t0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from common_utils import cli, photo
@@ -18,7 +17,7 @@ def test_never_overwrites_an_input(tmp_path: Path) -> None:
     Image.fromarray(photo("coffee")[:40, :40]).save(src / "a.png")
     before = (src / "a.png").read_bytes()
     result = cli(src, "-k", 4, "-o", src, "--quiet", "--overwrite")
-    assert result.returncode == 2 and "the output folder is the input folder" in result.stderr
+    assert result.returncode == 2 and f"the output folder {src} is the input folder {src}" in result.stderr
     # A file given directly, with its own folder as output and the same format.
     result = cli(src / "a.png", "-k", 4, "-o", src, "--quiet", "--overwrite")
     assert result.returncode == 1
@@ -26,16 +25,19 @@ def test_never_overwrites_an_input(tmp_path: Path) -> None:
     assert (src / "a.png").read_bytes() == before
 
 
-def test_output_inside_input_tree_is_not_walked(tmp_path: Path) -> None:
+def test_output_inside_input_tree_is_refused(tmp_path: Path) -> None:
+    # Issue 12, item 2: -o at the user's own folder inside the input used to replace its images
+    # with --overwrite (and leave them out without it).
     src = tmp_path / "in"
-    src.mkdir()
+    (src / "quantized").mkdir(parents=True)
     Image.fromarray(photo("coffee")[:40, :40]).save(src / "a.png")
-    for _ in range(2):
-        result = cli(src, "-k", 4, "-o", src / "quantized", "--quiet")
-        assert result.returncode == 0, result.stderr
-    rows = [json.loads(x) for x in (src / "quantized" / "gpu_kquant_report.jsonl").read_text().splitlines()]
-    # one row per run (the report is appended across runs): the outputs were never walked as inputs
-    assert [(Path(r["input"]).name, r["status"]) for r in rows] == [("a.png", "ok"), ("a.png", "skipped")]
+    Image.fromarray(photo("chelsea")[:40, :40]).save(src / "quantized" / "a.png")
+    before = {p: p.read_bytes() for p in src.rglob("*.png")}
+    result = cli(src, "-k", 4, "-o", src / "quantized", "--quiet", "--overwrite")
+    assert result.returncode == 2
+    assert f"the output folder {src / 'quantized'} is inside the input folder {src}" in result.stderr
+    assert {p: p.read_bytes() for p in src.rglob("*.png")} == before  # nothing written there either
+    assert sorted(p.name for p in src.rglob("*")) == ["a.png", "a.png", "quantized"]
 
 
 def test_name_collisions_keep_both_outputs(tmp_path: Path) -> None:
