@@ -125,3 +125,39 @@ def test_files_output_from_a_shard_resumes_per_file(tmp_path: Path) -> None:
     assert files == ["000000001.png", "000000002.png"]
     assert all(colours((tmp_path / "out" / "a" / f).read_bytes()) <= 5 for f in files)
     assert [r.status for r in process_shard(shard, options)] == ["failed", "skipped", "skipped"]
+
+
+def test_quality_picks_k_per_sample_and_leaves_out_the_ones_below_the_minimum(tmp_path: Path) -> None:
+    """--quality 30-32 -k 6 on a shard: each written image measured in float64 against its input JPEG."""
+    from gpu_kquant.datasets import DatasetOptions, find_shards, process_shard
+    from gpu_kquant.options import FitOptions
+
+    write_shard(tmp_path / "a.tar", 0, 6, corrupt={4})
+    (shard,), _ = find_shards([str(tmp_path / "a.tar")])
+    options = DatasetOptions(out=tmp_path / "out", fit=FitOptions(k=6), quality=(30.0, 32.0))
+    rows = {r.input.rsplit("#", 1)[-1]: r for r in process_shard(shard, options)}
+    src, members = read_tar(tmp_path / "a.tar"), read_tar(tmp_path / "out" / "a.tar")
+    written = sorted({m.split(".")[0] for m in members})
+    assert written == sorted(k for k, r in rows.items() if r.status == "ok") and len(written) >= 2
+    refused = [k for k, r in rows.items() if r.status == "quality"]
+    assert refused, "the crops below 30 dB at 6 colours must be refused"
+    for key in refused:
+        assert rows[key].psnr < 30 and "below the minimum of 30 dB" in rows[key].reason
+        assert not any(m.startswith(key) for m in members)  # left out whole, caption too
+    fewer = 0
+    for key in written:
+        measured = psnr(decode(src[f"{key}.jpg"]), decode(members[f"{key}.png"]))
+        n = colours(members[f"{key}.png"])
+        assert n == rows[key].colors <= 6 and measured >= 30 - 0.01
+        if n < 6:  # fewer colours only when they reach the 32 dB target
+            fewer += 1
+            assert measured >= 32 - 0.01
+    assert fewer >= 1 and rows["000000004"].status == "failed"
+
+
+def test_quality_with_tokens_is_a_usage_error(tmp_path: Path) -> None:
+    write_shard(tmp_path / "a.tar", 0, 1)
+    args = ("--output-format", "tokens", "--palette", "shared", "--quality", "30-40", "--quiet")
+    result = cli(tmp_path / "a.tar", "-o", tmp_path / "out", *args)
+    assert result.returncode == 2 and "--quality picks k per image" in result.stderr and "tokens" in result.stderr
+    assert not (tmp_path / "out").exists()  # refused before any palette was fitted

@@ -9,7 +9,7 @@ import numpy as np
 from common_utils import cli
 from dataset_utils import decode, read_tar, write_shard
 
-from gpu_kquant.datasets.resize import resize
+from gpu_kquant.resize import resize
 
 
 def test_tokens_layout(tmp_path: Path) -> None:
