@@ -115,3 +115,27 @@ def test_kill_9_then_resume_gives_identical_tokens(tmp_path: Path) -> None:
     assert np.load(out / "indices.npy", mmap_mode="r").shape == (24, 8, 8)
     # Every part was assembled and removed (the killed run's temporary files go once stale, as everywhere).
     assert not list(parts.glob("*.json")) and not list(parts.glob("*.bin"))
+
+
+def test_more_than_256_colours_give_uint16_tokens(tmp_path: Path) -> None:
+    """A 300-colour palette file: indices.npy is uint16 and every index is the nearest colour (float64)."""
+    from gpu_kquant.datasets import DatasetOptions, assemble_tokens, find_shards, process_shard
+    from gpu_kquant.options import ResizeOptions
+
+    write_shard(tmp_path / "a.tar", 0, 2)
+    first = resize(decode(read_tar(tmp_path / "a.tar")["000000000.jpg"]), (16, 12), "fill")
+    palette = np.unique(first.reshape(-1, 3), axis=0)[::-1]  # the image's own colours, reversed
+    assert len(palette) >= 150
+    palette = np.concatenate([palette, palette // 2 + 100])[:300].astype(np.uint8)
+    (shard,), _ = find_shards([str(tmp_path / "a.tar")])
+    options = DatasetOptions(
+        out=tmp_path / "out", output_format="tokens", palette=palette, resize=ResizeOptions(16, 12, "fill")
+    )
+    assert [r.status for r in process_shard(shard, options)] == ["ok", "ok"]
+    assert assemble_tokens(options.out, [shard.name], palette) == []
+    indices = np.load(options.out / "indices.npy", mmap_mode="r")
+    assert indices.dtype == np.uint16 and indices.shape == (2, 12, 16) and int(indices.max()) > 255
+    pixels = first.reshape(-1, 1, 3).astype(np.float64)
+    dist = ((pixels - palette[None].astype(np.float64)) ** 2).sum(-1)
+    assert np.allclose(dist[np.arange(len(dist)), indices[0].reshape(-1)], dist.min(1), atol=1e-6)
+    assert np.array_equal(np.load(options.out / "palette.npy"), palette)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from common_utils import cli
-from dataset_utils import psnr
+from dataset_utils import psnr, read_tar, write_shard
 from PIL import Image
 
 from gpu_kquant.options import ResizeOptions
@@ -66,16 +67,21 @@ def test_alpha_is_kept_and_does_not_bleed(tmp_path: Path) -> None:
         assert psnr(out[:, 17:, :3], _blocks(rgb[:, 136:], 8, 8)) > 28  # no magenta fringe
 
 
-def test_loose_files_through_the_cli(tmp_path: Path, wide: tuple[Path, np.ndarray]) -> None:
+def test_loose_files_and_a_shard_through_the_cli(tmp_path: Path, wide: tuple[Path, np.ndarray]) -> None:
     folder = tmp_path / "imgs"
     folder.mkdir()
     wide[0].rename(folder / "wide.png")
     rgba = np.asarray(Image.open(SAMPLES / "coffee.png").convert("RGBA")).copy()
     rgba[:, : rgba.shape[1] // 2, 3] = 0
     Image.fromarray(rgba).save(folder / "alpha.png")
+    write_shard(tmp_path / "a.tar", 0, 2, size=(60, 30))  # a shard in the same command: one flag for both
     out = tmp_path / "out"
-    result = cli(folder, "-k", 8, "-o", out, "--resize", "48x40", "--resize-mode", "fill", "--quiet")
+    args = ("-k", 8, "-o", out, "--resize", "48x40", "--resize-mode", "fill", "--quiet")
+    result = cli(folder, tmp_path / "a.tar", *args)
     assert result.returncode == 0, result.stderr
+    members = read_tar(out / "a.tar")
+    for key in ("000000000", "000000001"):
+        assert Image.open(io.BytesIO(members[f"{key}.png"])).size == (48, 40)
     for name in ("wide.png", "alpha.png"):
         with Image.open(out / name) as img:
             assert img.size == (48, 40) and img.mode == "P"
