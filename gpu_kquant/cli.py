@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_flags(parser)
     _add_output_flags(parser)
+    _add_resize_flags(parser)
     _add_engine_flags(parser)
     add_dataset_arguments(parser)  # shards, Parquet and tokens (gpu_kquant.datasets)
     return parser
@@ -212,6 +213,22 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
         metavar="MIN-MAX",
         help="PSNR dB: use the smallest k up to -k reaching MAX; below MIN do not write the image",
     )
+    parser.add_argument("--skip-if-larger", action="store_true", help="never write an output larger than its input")
+    parser.add_argument("--ciede2000", action="store_true", help="add the mean CIEDE2000 to the report (costs time)")
+    parser.add_argument(
+        "--preview",
+        action="store_true",
+        help="write an HTML gallery (OUT/preview/index.html); for one input file, a side-by-side PNG",
+    )
+    parser.add_argument(
+        "--n-init", type=_positive, default=None, help="k-means++ restarts per image (default: 8 up to k=64, else 1)"
+    )
+    parser.add_argument("--max-iter", type=_positive, default=300, help="Lloyd iterations at most (lower is faster)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: same seed and device, same output")
+
+
+def _add_resize_flags(parser: argparse.ArgumentParser) -> None:
+    """--resize and --resize-mode: one step before quantization for every input kind."""
     parser.add_argument(
         "--resize",
         type=_size,
@@ -225,18 +242,6 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
         default="fit",
         help="fit: inside WxH, aspect kept; fill: cover WxH and crop the centre; stretch: exactly WxH",
     )
-    parser.add_argument("--skip-if-larger", action="store_true", help="never write an output larger than its input")
-    parser.add_argument("--ciede2000", action="store_true", help="add the mean CIEDE2000 to the report (costs time)")
-    parser.add_argument(
-        "--preview",
-        action="store_true",
-        help="write an HTML gallery (OUT/preview/index.html); for one input file, a side-by-side PNG",
-    )
-    parser.add_argument(
-        "--n-init", type=_positive, default=None, help="k-means++ restarts per image (default: 8 up to k=64, else 1)"
-    )
-    parser.add_argument("--max-iter", type=_positive, default=300, help="Lloyd iterations at most (lower is faster)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed: same seed and device, same output")
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
