@@ -191,3 +191,16 @@ def test_format_sets_the_image_member_of_output_shards(tmp_path: Path) -> None:
     for i, key in enumerate(("000000000", "000000001")):
         assert members[f"{key}.gif"][:6] == b"GIF89a" or members[f"{key}.gif"][:6] == b"GIF87a"
         assert colours(members[f"{key}.gif"]) <= 5 and members[f"{key}.txt"] == caption(i)
+
+
+def test_quality_needs_a_palette_per_image() -> None:
+    """A library caller gets the CLI's refusals: --quality with tokens or with a fixed palette."""
+    import numpy as np
+
+    from gpu_kquant.datasets import DatasetOptions
+
+    palette = np.zeros((4, 3), np.uint8)
+    with pytest.raises(ValueError, match="tokens"):
+        DatasetOptions(out=Path("o"), output_format="tokens", palette=palette, quality=(30.0, 40.0))
+    with pytest.raises(ValueError, match="--palette"):
+        DatasetOptions(out=Path("o"), palette=palette, quality=(30.0, 40.0))
