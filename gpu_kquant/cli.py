@@ -25,11 +25,12 @@ from .dither import DITHERS
 from .engine_local import run_local
 from .imagefiles import FORMATS
 from .naming import display_path
-from .options import EngineOptions, FitOptions, OutputOptions, RunOptions, default_workers
+from .options import RESIZE_MODES, EngineOptions, FitOptions, OutputOptions, ResizeOptions, RunOptions, default_workers
 from .palette import Palette, PaletteFileError
 from .planning import MANIFEST_PREFIX, Job, JobError, plan_job
 from .process import configure_process
 from .report import RunLock, Summary, check_report_path
+from .resize import parse_size
 from .spaces import SPACES
 
 __all__ = ["ENGINES", "build_parser", "command", "main", "run_options"]
@@ -69,6 +70,13 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _quality(text: str) -> tuple[float, float]:
@@ -119,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_flags(parser)
     _add_output_flags(parser)
+    _add_resize_flags(parser)
     _add_engine_flags(parser)
     add_dataset_arguments(parser)  # shards, Parquet and tokens (gpu_kquant.datasets)
     return parser
@@ -223,6 +232,23 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed and device, same output")
 
 
+def _add_resize_flags(parser: argparse.ArgumentParser) -> None:
+    """--resize and --resize-mode: one step before quantization for every input kind."""
+    parser.add_argument(
+        "--resize",
+        type=_size,
+        default=None,
+        metavar="WxH",
+        help="resize every image before quantizing (Lanczos, antialiased; files, folders, shards and Parquet)",
+    )
+    parser.add_argument(
+        "--resize-mode",
+        choices=RESIZE_MODES,
+        default="fit",
+        help="fit: inside WxH, aspect kept; fill: cover WxH and crop the centre; stretch: exactly WxH",
+    )
+
+
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """Engines, the demo and the version."""
     parser.add_argument(
@@ -305,6 +331,7 @@ def run_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Ru
         skip_if_larger=args.skip_if_larger,
         ciede2000=args.ciede2000,
         preview=args.preview,
+        resize=args.resize,
     )
     engine = EngineOptions(
         engine=args.engine,
@@ -341,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_process(max_pixels=args.max_pixels)
     k_given = args.k is not None
     args.k = 16 if args.k is None else args.k
+    if args.resize is not None:  # one typed option for the image pipeline and the datasets alike
+        args.resize = ResizeOptions(args.resize[0], args.resize[1], args.resize_mode)
     datasets_code, args.inputs = run_datasets(args, parser)  # shards and Parquet; returns the other inputs
     if datasets_code is None or args.inputs:
         args.k = args.k if k_given else None

@@ -62,7 +62,7 @@ def shared_histogram(tasks: list[Task], run: RunOptions, device: torch.device) -
                     continue
 
         for task in tasks:
-            pending.append(pool.submit(read_task, task, run.engine.max_pixels))
+            pending.append(pool.submit(read_task, task, run.engine.max_pixels, run.output.resize))
             drain(2 * workers)
         drain(0)
     return hist

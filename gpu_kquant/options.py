@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "RESIZE_MODES",
     "SPACES",
     "EngineOptions",
     "FitOptions",
     "OutputOptions",
+    "ResizeOptions",
     "RunOptions",
     "auto_fit_points",
     "auto_n_init",
@@ -25,6 +27,7 @@ __all__ = [
 ]
 
 SPACES = ("rgb", "oklab", "lab")
+RESIZE_MODES = ("fit", "fill", "stretch")
 
 
 def auto_n_init(k: int) -> int:
@@ -106,6 +109,33 @@ def default_workers() -> int:
 
 
 @dataclass(frozen=True)
+class ResizeOptions:
+    """``--resize WxH --resize-mode MODE``: every image resized, antialiased, before quantization.
+
+    Attributes:
+        width: width of the target box in pixels.
+        height: height of the target box in pixels.
+        mode: ``fit`` (inside the box, aspect kept), ``fill`` (cover the box, crop the
+            centre: exactly the box) or ``stretch`` (exactly the box, aspect ignored).
+    """
+
+    width: int
+    height: int
+    mode: str = "fit"
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.height < 1:
+            raise ValueError(f"resize width and height must be >= 1, got {self.width}x{self.height}")
+        if self.mode not in RESIZE_MODES:
+            raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {self.mode!r}")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), as Pillow takes sizes."""
+        return self.width, self.height
+
+
+@dataclass(frozen=True)
 class OutputOptions:
     """What a run writes, where, and the policies that decide whether it writes.
 
@@ -123,6 +153,7 @@ class OutputOptions:
         skip_if_larger: never write an output larger than its input.
         ciede2000: add the mean CIEDE2000 to every row.
         preview: write the HTML gallery (one input file: a side-by-side PNG).
+        resize: resize every image before quantization (``None``: keep its size).
     """
 
     out: Path | None = None
@@ -136,6 +167,7 @@ class OutputOptions:
     skip_if_larger: bool = False
     ciede2000: bool = False
     preview: bool = False
+    resize: ResizeOptions | None = None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 
 from . import ray_session
 from .colors import ColorSet, color_set, pack
-from .options import RunOptions
+from .options import ResizeOptions, RunOptions
 from .palette import ColorHistogram
 from .planning import JobError, Task
 from .process import configure_process
@@ -47,7 +47,9 @@ def _merge(keys: list[torch.Tensor], counts: list[torch.Tensor]) -> tuple[torch.
     return merged, summed
 
 
-def histogram_files(batch: dict[str, np.ndarray], max_pixels: int | None) -> dict[str, Any]:
+def histogram_files(
+    batch: dict[str, np.ndarray], max_pixels: int | None, resize: ResizeOptions | None = None
+) -> dict[str, Any]:
     """The colour histogram of a few files, merged (a Ray task, so it is its process's entry).
 
     Returns one row: the block's opaque (packed RGB) and translucent (packed RGBA) colour
@@ -59,7 +61,8 @@ def histogram_files(batch: dict[str, np.ndarray], max_pixels: int | None) -> dic
     images = 0
     for src, dst, key in zip(batch["src"], batch["dst"], batch["key"]):
         try:
-            pixels = read_task(Task(Path(str(src)), Path(str(dst)), str(key)), max_pixels).decoded.pixels
+            task = Task(Path(str(src)), Path(str(dst)), str(key))
+            pixels = read_task(task, max_pixels, resize).decoded.pixels
         except Exception:
             continue
         cs = color_set(pack(torch.from_numpy(pixels)), pixels.shape[2])
@@ -88,7 +91,7 @@ def ray_histogram(tasks: list[Task], run: RunOptions, device: torch.device) -> C
             count,
             batch_size=FILES_PER_TASK,
             batch_format="numpy",
-            fn_kwargs={"max_pixels": run.engine.max_pixels},
+            fn_kwargs={"max_pixels": run.engine.max_pixels, "resize": run.output.resize},
             num_cpus=1,
             max_retries=3,
         )

@@ -1,6 +1,6 @@
 """The worker: a list of tasks in, their report rows out. Both engines call exactly this.
 
-For each task: decode (:func:`read_task`), quantize in batches on the device with
+For each task: decode and ``--resize`` (:func:`read_task`), quantize in batches on the device with
 dithering included (:func:`quantize_items`), then guards, atomic write, CIEDE2000 and
 preview (:func:`gpu_kquant.writing.write_result`). Decoding and writing run on
 ``io_threads`` threads (Pillow and zlib release the GIL); quantization runs on
@@ -22,9 +22,11 @@ from .control import StageClock, batch_groups, default_batch_size, even_group_si
 from .device import resolve_device
 from .fitting import map_images, quantize_images, reach_quality
 from .imagefiles import DecodeError, load_image
+from .options import ResizeOptions
 from .planning import Task
 from .quantize import Quantized
 from .report import Row
+from .resize import resize_decoded
 from .rows import decode_failure_row, failed_row
 from .runsetup import RunSetup
 from .writing import Item, write_result
@@ -35,12 +37,17 @@ Result = Quantized | Exception
 RowSink = Callable[[Row], None]
 
 
-def read_task(task: Task, max_pixels: int | None) -> Item:
-    """Decode one input; raises :class:`~gpu_kquant.imagefiles.DecodeError` with the reason."""
-    if task.error is not None:  # planning found it unusable: never opened
+def read_task(task: Task, max_pixels: int | None, resize: ResizeOptions | None = None) -> Item:
+    """Decode one input, resized when ``resize`` says so (``--resize``, before quantization).
+
+    Raises:
+        DecodeError: with the reason (:func:`~gpu_kquant.imagefiles.load_image`), also for a
+            task planning found unusable (never opened).
+    """
+    if task.error is not None:
         raise DecodeError(task.error)
     t0 = time.perf_counter()
-    decoded = load_image(task.src, max_pixels=max_pixels)
+    decoded = resize_decoded(load_image(task.src, max_pixels=max_pixels), resize)
     return Item(task, decoded, task.src.stat().st_size, time.perf_counter() - t0)
 
 
@@ -116,7 +123,7 @@ class Worker:
         """The decoded task, or its failed row."""
         t0 = time.perf_counter()
         try:
-            return read_task(task, self.setup.max_pixels)
+            return read_task(task, self.setup.max_pixels, self.setup.output.resize)
         except Exception as exc:
             return decode_failure_row(task, self.setup.fit.k, exc)
         finally:

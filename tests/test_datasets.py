@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from common_utils import ROOT, cli
-from dataset_utils import caption, colours, decode, meta, psnr, read_tar, truncate, write_shard
+from dataset_utils import caption, colours, decode, jpeg, meta, psnr, read_tar, truncate, write_shard
 
 
 def _report(out: Path) -> list[dict]:
@@ -80,26 +80,38 @@ def test_parquet_output_from_shards_and_resize(tmp_path: Path) -> None:
 
 
 def test_kill_9_then_resume_gives_identical_bytes(tmp_path: Path) -> None:
+    """Tar shards and Parquet files (when pyarrow is there) in one run, killed midway and resumed."""
     src = tmp_path / "shards"
     for s in range(6):
         write_shard(src / f"{s:05d}.tar", 4 * s, 4)
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        pa = None
+    if pa is not None:
+        for s in range(2):
+            keys = [f"p{s}{i:07d}" for i in range(4)]
+            images = pa.array([jpeg(30 + 4 * s + i) for i in range(4)], pa.binary())
+            pq.write_table(pa.table({"key": keys, "jpg": images}), src / f"part{s}.parquet", row_group_size=2)
     clean = tmp_path / "clean"
     assert cli(src, "-k", 8, "-o", clean, "--quiet", "--batch-size", 1).returncode == 0
     out = tmp_path / "out"
     args = [sys.executable, "-m", "gpu_kquant", str(src), "-k", "8", "-o", str(out), "--quiet", "--batch-size", "1"]
     proc = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("*.tar")):
+    while time.time() < deadline and not list(out.glob("*.tar")) + list(out.glob("*.parquet")):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    done = sorted(p.name for p in out.glob("*.tar"))
-    assert 1 <= len(done) < 6, "the run should have been killed midway"
+    total = 6 if pa is None else 8
+    done = sorted(p.name for p in out.glob("*.tar")) + sorted(p.name for p in out.glob("*.parquet"))
+    assert 1 <= len(done) < total, "the run should have been killed midway"
     rerun = cli(src, "-k", 8, "-o", out, "--quiet", "--batch-size", 1)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{len(done)} skipped" in rerun.stderr
-    names = sorted(p.name for p in clean.glob("*.tar"))
-    assert names == sorted(p.name for p in out.glob("*.tar")) and len(names) == 6
+    names = sorted(p.name for p in clean.iterdir() if p.suffix in (".tar", ".parquet"))
+    assert names == sorted(p.name for p in out.iterdir() if p.suffix in (".tar", ".parquet")) and len(names) == total
     for name in names:
         assert (out / name).read_bytes() == (clean / name).read_bytes(), name
 
@@ -125,3 +137,70 @@ def test_files_output_from_a_shard_resumes_per_file(tmp_path: Path) -> None:
     assert files == ["000000001.png", "000000002.png"]
     assert all(colours((tmp_path / "out" / "a" / f).read_bytes()) <= 5 for f in files)
     assert [r.status for r in process_shard(shard, options)] == ["failed", "skipped", "skipped"]
+
+
+def test_quality_picks_k_per_sample_and_leaves_out_the_ones_below_the_minimum(tmp_path: Path) -> None:
+    """--quality 30-32 -k 6 on a shard: each written image measured in float64 against its input JPEG."""
+    from gpu_kquant.datasets import DatasetOptions, find_shards, process_shard
+    from gpu_kquant.options import FitOptions
+
+    write_shard(tmp_path / "a.tar", 0, 6, corrupt={4})
+    (shard,), _ = find_shards([str(tmp_path / "a.tar")])
+    options = DatasetOptions(out=tmp_path / "out", fit=FitOptions(k=6), quality=(30.0, 32.0))
+    rows = {r.input.rsplit("#", 1)[-1]: r for r in process_shard(shard, options)}
+    src, members = read_tar(tmp_path / "a.tar"), read_tar(tmp_path / "out" / "a.tar")
+    written = sorted({m.split(".")[0] for m in members})
+    assert written == sorted(k for k, r in rows.items() if r.status == "ok") and len(written) >= 2
+    refused = [k for k, r in rows.items() if r.status == "quality"]
+    assert refused, "the crops below 30 dB at 6 colours must be refused"
+    for key in refused:
+        assert rows[key].psnr < 30 and "below the minimum of 30 dB" in rows[key].reason
+        assert not any(m.startswith(key) for m in members)  # left out whole, caption too
+    fewer = 0
+    for key in written:
+        measured = psnr(decode(src[f"{key}.jpg"]), decode(members[f"{key}.png"]))
+        n = colours(members[f"{key}.png"])
+        assert n == rows[key].colors <= 6 and measured >= 30 - 0.01
+        if n < 6:  # fewer colours only when they reach the 32 dB target
+            fewer += 1
+            assert measured >= 32 - 0.01
+    assert fewer >= 1 and rows["000000004"].status == "failed"
+
+
+def test_quality_with_tokens_is_a_usage_error(tmp_path: Path) -> None:
+    write_shard(tmp_path / "a.tar", 0, 1)
+    args = ("--output-format", "tokens", "--palette", "shared", "--quality", "30-40", "--quiet")
+    result = cli(tmp_path / "a.tar", "-o", tmp_path / "out", *args)
+    assert result.returncode == 2 and "--quality picks k per image" in result.stderr and "tokens" in result.stderr
+    assert not (tmp_path / "out").exists()  # refused before any palette was fitted
+
+
+def test_format_sets_the_image_member_of_output_shards(tmp_path: Path) -> None:
+    """--format gif: <key>.gif in the output shard, at most k colours, captions still byte for byte."""
+    from gpu_kquant.datasets import DatasetOptions, find_shards, process_shard
+    from gpu_kquant.options import FitOptions
+
+    write_shard(tmp_path / "a.tar", 0, 2)
+    (shard,), _ = find_shards([str(tmp_path / "a.tar")])
+    options = DatasetOptions(out=tmp_path / "out", image_format="gif", fit=FitOptions(k=5))
+    assert [r.status for r in process_shard(shard, options)] == ["ok", "ok"]
+    members = read_tar(tmp_path / "out" / "a.tar")
+    assert sorted(members) == sorted(
+        f"{k}.{e}" for k in ("000000000", "000000001") for e in ("gif", "kquant.json", "txt", "json")
+    )
+    for i, key in enumerate(("000000000", "000000001")):
+        assert members[f"{key}.gif"][:6] == b"GIF89a" or members[f"{key}.gif"][:6] == b"GIF87a"
+        assert colours(members[f"{key}.gif"]) <= 5 and members[f"{key}.txt"] == caption(i)
+
+
+def test_quality_needs_a_palette_per_image() -> None:
+    """A library caller gets the CLI's refusals: --quality with tokens or with a fixed palette."""
+    import numpy as np
+
+    from gpu_kquant.datasets import DatasetOptions
+
+    palette = np.zeros((4, 3), np.uint8)
+    with pytest.raises(ValueError, match="tokens"):
+        DatasetOptions(out=Path("o"), output_format="tokens", palette=palette, quality=(30.0, 40.0))
+    with pytest.raises(ValueError, match="--palette"):
+        DatasetOptions(out=Path("o"), palette=palette, quality=(30.0, 40.0))

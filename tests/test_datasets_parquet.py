@@ -94,3 +94,20 @@ def test_missing_image_column_is_named(tmp_path: Path) -> None:
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "t.parquet")
     rows = _run(tmp_path / "t.parquet", tmp_path / "out")
     assert rows[0].status == "failed" and "--image-column" in rows[0].reason
+
+
+def test_quality_through_the_cli(tmp_path: Path) -> None:
+    """--quality on Parquet: k per row, rows below the minimum left out, the exit code says so."""
+    from dataset_utils import decode, psnr
+
+    _plain(tmp_path / "part.parquet", 6)
+    result = cli(tmp_path / "part.parquet", "-k", 6, "--quality", "30-32", "-o", tmp_path / "out", "--quiet")
+    assert result.returncode == 1 and "quality" in result.stderr, result.stderr  # refused rows count as failures
+    out = pq.read_table(tmp_path / "out" / "part.parquet").to_pylist()
+    assert 2 <= len(out) < 6
+    for row in out:
+        measured = psnr(decode(jpeg(int(row["key"]))), decode(row["image"]))
+        assert measured == pytest.approx(row["psnr"], abs=0.01) and measured >= 30 - 0.01
+        assert colours(row["image"]) == row["colors"] <= 6
+        assert row["colors"] == 6 or measured >= 32 - 0.01  # fewer colours only when they reach the target
+    assert any(row["colors"] < 6 for row in out)

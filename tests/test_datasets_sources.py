@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from dataset_utils import write_shard
 
-from gpu_kquant.datasets.resize import parse_size, resize
 from gpu_kquant.datasets.samples import ShardError, iter_tar, split_key
 from gpu_kquant.datasets.sources import Shard, expand_braces, find_shards
+from gpu_kquant.resize import parse_size, resize
 
 
 def test_expand_braces() -> None:

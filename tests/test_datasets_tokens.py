@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
-from common_utils import cli
+from common_utils import ROOT, cli
 from dataset_utils import decode, read_tar, write_shard
 
-from gpu_kquant.datasets.resize import resize
+from gpu_kquant.resize import resize
 
 
 def test_tokens_layout(tmp_path: Path) -> None:
@@ -80,3 +85,57 @@ def test_a_repaired_shard_joins_the_assembled_tokens(tmp_path: Path) -> None:
     indices = np.load(out / "indices.npy", mmap_mode="r")
     assert indices.shape == (4, 8, 8) and np.array_equal(indices[:2], first)
     assert (out / "keys.txt").read_text().split() == [f"{i:09d}" for i in range(4)]
+
+
+def test_kill_9_then_resume_gives_identical_tokens(tmp_path: Path) -> None:
+    """SIGKILL once the first shard's part is committed; the rerun's arrays equal an uninterrupted run's."""
+    src = tmp_path / "shards"
+    for s in range(6):
+        write_shard(src / f"{s:05d}.tar", 4 * s, 4)
+    args = ["-k", "8", "--output-format", "tokens", "--palette", "shared", "--resize", "8x8", "--resize-mode", "fill"]
+    args += ["--quiet", "--batch-size", "1"]
+    clean = tmp_path / "clean"
+    assert cli(src, "-o", clean, *args).returncode == 0
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "gpu_kquant", str(src), "-o", str(out), *args]
+    proc = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.DEVNULL)
+    parts = out / ".gpu_kquant-tokens"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(parts.glob("*.json")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = list(parts.glob("*.json"))
+    assert 1 <= len(done) < 6 and not (out / "indices.npy").exists(), "the run should have been killed midway"
+    rerun = cli(src, "-o", out, *args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(done)} skipped" in rerun.stderr  # committed parts are not redone
+    for name in ("indices.npy", "palette.npy", "keys.txt"):
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
+    assert np.load(out / "indices.npy", mmap_mode="r").shape == (24, 8, 8)
+    # Every part was assembled and removed (the killed run's temporary files go once stale, as everywhere).
+    assert not list(parts.glob("*.json")) and not list(parts.glob("*.bin"))
+
+
+def test_more_than_256_colours_give_uint16_tokens(tmp_path: Path) -> None:
+    """A 300-colour palette file: indices.npy is uint16 and every index is the nearest colour (float64)."""
+    from gpu_kquant.datasets import DatasetOptions, assemble_tokens, find_shards, process_shard
+    from gpu_kquant.options import ResizeOptions
+
+    write_shard(tmp_path / "a.tar", 0, 2)
+    first = resize(decode(read_tar(tmp_path / "a.tar")["000000000.jpg"]), (16, 12), "fill")
+    palette = np.unique(first.reshape(-1, 3), axis=0)[::-1]  # the image's own colours, reversed
+    assert len(palette) >= 150
+    palette = np.concatenate([palette, palette // 2 + 100])[:300].astype(np.uint8)
+    (shard,), _ = find_shards([str(tmp_path / "a.tar")])
+    options = DatasetOptions(
+        out=tmp_path / "out", output_format="tokens", palette=palette, resize=ResizeOptions(16, 12, "fill")
+    )
+    assert [r.status for r in process_shard(shard, options)] == ["ok", "ok"]
+    assert assemble_tokens(options.out, [shard.name], palette) == []
+    indices = np.load(options.out / "indices.npy", mmap_mode="r")
+    assert indices.dtype == np.uint16 and indices.shape == (2, 12, 16) and int(indices.max()) > 255
+    pixels = first.reshape(-1, 1, 3).astype(np.float64)
+    dist = ((pixels - palette[None].astype(np.float64)) ** 2).sum(-1)
+    assert np.allclose(dist[np.arange(len(dist)), indices[0].reshape(-1)], dist.min(1), atol=1e-6)
+    assert np.array_equal(np.load(options.out / "palette.npy"), palette)

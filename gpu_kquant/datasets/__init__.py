@@ -7,13 +7,11 @@ The narrow interface an engine needs:
   :class:`DatasetOptions` (call it from any engine: a thread, a process, a Ray task);
 - :func:`assemble_tokens` finishes a ``tokens`` run once all shards are done;
 - :func:`run_shards` is the local engine; ``gpu_kquant.datasets.ray_engine`` the Ray one;
-- :func:`resize` is the ``--resize`` step, usable on any (H, W, C) uint8 image.
 
 ``gpu_kquant.datasets.cli`` holds the flags and the command-line run.
 """
 
 from .options import OUTPUT_FORMATS, DatasetOptions
-from .resize import RESIZE_MODES, resize
 from .run import run_shards, shared_palette
 from .shard import output_path, process_shard
 from .sources import Shard, expand_braces, find_shards, folder_shard
@@ -21,7 +19,6 @@ from .tokens import assemble as assemble_tokens
 
 __all__ = [
     "OUTPUT_FORMATS",
-    "RESIZE_MODES",
     "DatasetOptions",
     "Shard",
     "assemble_tokens",
@@ -30,7 +27,6 @@ __all__ = [
     "folder_shard",
     "output_path",
     "process_shard",
-    "resize",
     "run_shards",
     "shared_palette",
 ]

@@ -22,8 +22,7 @@ from ..options import FitOptions
 from ..palette import Palette
 from ..planning import remove_stale_temps, shard_of
 from ..report import ReportWriter, Summary
-from .options import OUTPUT_FORMATS, DatasetOptions
-from .resize import RESIZE_MODES, parse_size
+from .options import OUTPUT_FORMATS, QUALITY_TOKENS, DatasetOptions
 from .run import default_parallel, run_shards, shared_palette
 from .shard import output_path
 from .sources import Shard, find_shards, folder_shard
@@ -33,15 +32,8 @@ __all__ = ["add_dataset_arguments", "run_datasets"]
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the dataset flags (--output-format, --image-column, --resize, --resize-mode)."""
+    """Add the dataset flags (--output-format, --image-column)."""
     group = parser.add_argument_group(
         "datasets",
         "INPUT may also be WebDataset/img2dataset .tar shards, a folder of them, a brace pattern such as "
@@ -60,15 +52,6 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="Parquet image column (default: image, jpg, png, webp or bytes)",
     )
-    group.add_argument(
-        "--resize", type=_size, default=None, metavar="WxH", help="resize before quantizing (antialiased)"
-    )
-    group.add_argument(
-        "--resize-mode",
-        choices=RESIZE_MODES,
-        default="fit",
-        help="fit: inside WxH, aspect kept; fill: cover WxH and crop the centre; stretch: exactly WxH",
-    )
 
 
 def _collect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[Shard], list[str]]:
@@ -78,8 +61,6 @@ def _collect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple
     except ValueError as exc:
         parser.error(str(exc))
     if args.output_format in (None, "files"):
-        if rest and args.resize is not None:  # the image pipeline has no resize step yet
-            parser.error("--resize needs dataset inputs or --output-format webdataset, parquet or tokens for now")
         return shards, rest
     for text in rest:
         path = Path(text)
@@ -106,8 +87,10 @@ def _palette(
 
 def _options(args: argparse.Namespace, parser: argparse.ArgumentParser, shards: list[Shard]) -> DatasetOptions:
     """Typed options from the flags; fits the shared palette when asked for (it needs every shard)."""
-    if args.quality:
-        parser.error("--quality is not supported with dataset inputs yet")
+    if args.quality is not None and args.output_format == "tokens":  # before a shared palette is fitted
+        parser.error(QUALITY_TOKENS)
+    if args.quality is not None and args.palette is not None:
+        parser.error("--quality picks k per image and --palette fixes the colours; use one of them")
     out = args.out
     if out is None:  # beside the shards' folder, never into it
         base = shards[0].path if shards[0].kind == "files" else shards[0].path.parent
@@ -125,9 +108,9 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser, shards: 
             workers=min(args.workers, 4),
             max_pixels=args.max_pixels,
             resize=args.resize,
-            resize_mode=args.resize_mode,
             image_column=args.image_column,
             overwrite=args.overwrite,
+            quality=args.quality,
         )
         palette = _palette(args, parser, shards, common)
         options = dataclasses.replace(

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
+from ..fitting import reach_quality
 from ..imagefiles import Decoded, DecodeError, encode, load_image
 from ..options import FitOptions
 from ..quantize import Quantized, map_to_palette, quantize_batch
@@ -72,16 +74,21 @@ def quantize_images(
     palette_space: str,
     dither: str,
     device: str,
+    target: float | None = None,
 ) -> list[Quantized | Exception]:
     """Quantize (H, W, 3|4) uint8 images in one batch; a failing batch is retried image by image.
 
     With ``palette`` ((k, 3|4) uint8) every image maps to it whole and in order (tokens);
+    with ``target`` (``--quality``'s PSNR in dB) each image gets the smallest k up to
+    ``fit.k`` that reaches it, as image files do (:func:`gpu_kquant.fitting.reach_quality`);
     otherwise each image gets its own k-colour palette.
     """
 
     def run(batch: Sequence[np.ndarray]) -> list[Quantized]:
         if palette is not None:
             return map_to_palette(batch, palette, space=palette_space, dither=dither, device=device)
+        if target is not None:
+            return [reach_quality(px, fit, target, dither=dither, device=torch.device(device)) for px in batch]
         return quantize_batch(batch, fit.k, dither=dither, device=device, **fit_kwargs(fit))
 
     try:

@@ -7,15 +7,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ..options import FitOptions
-from .resize import RESIZE_MODES
+from ..options import FitOptions, ResizeOptions
 from .sources import Shard
 
-__all__ = ["DEFAULT_OUTPUT", "OUTPUT_FORMATS", "DatasetOptions"]
+__all__ = ["DEFAULT_OUTPUT", "OUTPUT_FORMATS", "QUALITY_TOKENS", "DatasetOptions"]
 
 OUTPUT_FORMATS = ("files", "webdataset", "parquet", "tokens")
 # The output format that follows each input kind when --output-format is not given.
 DEFAULT_OUTPUT = {"tar": "webdataset", "parquet": "parquet", "files": "files"}
+QUALITY_TOKENS = (
+    "--quality picks k per image, but --output-format tokens maps every image to one palette: "
+    "choose its size with -k (and --palette shared) instead"
+)
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,12 @@ class DatasetOptions:
         batch_size: images per batched quantization.
         workers: decode/encode threads inside one shard.
         max_pixels: larger images are failed rows.
-        resize: (width, height) box, or None.
-        resize_mode: fit, fill or stretch.
+        resize: ``--resize``: every image resized before quantization, or None.
         image_column: Parquet image column (None: detect).
         overwrite: redo shards whose output exists.
+        quality: ``--quality`` (minimum, target) PSNR in dB: each image gets the smallest k up to
+            ``fit.k`` reaching the target, and an image below the minimum is a ``quality`` row left
+            out of the output. Needs a palette per image, so not with ``palette`` (nor tokens).
     """
 
     out: Path
@@ -53,16 +58,18 @@ class DatasetOptions:
     batch_size: int = 4
     workers: int = 1
     max_pixels: int | None = None
-    resize: tuple[int, int] | None = None
-    resize_mode: str = "fit"
+    resize: ResizeOptions | None = None
     image_column: str | None = None
     overwrite: bool = False
+    quality: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.output_format!r}")
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
+        if self.quality is not None and self.output_format == "tokens":
+            raise ValueError(QUALITY_TOKENS)
+        if self.quality is not None and self.palette is not None:
+            raise ValueError("--quality picks k per image and --palette fixes the colours; use one of them")
         if self.output_format == "tokens" and self.palette is None:
             raise ValueError("--output-format tokens needs one palette for all images: --palette shared or FILE")
 

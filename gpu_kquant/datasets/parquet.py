@@ -22,6 +22,23 @@ IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "bytes")
 # Rows per record batch read and per row group written: small enough that a batch of
 # 1-megapixel JPEGs stays near 64 MB, large enough that Parquet pages stay efficient.
 BATCH_ROWS = 256
+# ... and fewer when rows are large (big images, embeddings in a pass-through column): a batch
+# holds about this many bytes at most, so memory does not grow with the size of a row either.
+BATCH_BYTES = 64 << 20
+
+
+def _batch_rows(metadata: Any) -> int:
+    """Rows per record batch: BATCH_ROWS, fewer when the widest row group's rows would exceed BATCH_BYTES.
+
+    Row sizes come from the file's metadata (uncompressed bytes per row group), so nothing
+    is read to decide. pyarrow itself decodes one row group at a time under the batches.
+    """
+    widest = 0.0
+    for i in range(metadata.num_row_groups):
+        group = metadata.row_group(i)
+        if group.num_rows:
+            widest = max(widest, group.total_byte_size / group.num_rows)
+    return max(1, min(BATCH_ROWS, int(BATCH_BYTES // widest))) if widest else BATCH_ROWS
 
 
 def require_pyarrow() -> Any:
@@ -80,7 +97,7 @@ def iter_parquet(shard: Shard, image_column: str | None) -> tuple[Any, Iterator[
     def samples() -> Iterator[Sample]:
         row = 0
         try:
-            for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+            for batch in pf.iter_batches(batch_size=_batch_rows(pf.metadata)):
                 for record in batch.to_pylist():
                     key = str(record["key"]) if record.get("key") is not None else f"{row:09d}"
                     value = record.pop(column)
@@ -125,17 +142,20 @@ class ParquetSink:
         self._tmp = Path(tmp)
         self._writer = pa.parquet.ParquetWriter(self._tmp, self.schema)
         self._rows: list[dict[str, object]] = []
+        self._bytes = 0
 
     def add(self, row: dict[str, object]) -> None:
-        """Queue one output row (a dict of column values); written in row groups of BATCH_ROWS."""
-        self._rows.append({name: row.get(name) for name in self.schema.names})
-        if len(self._rows) >= BATCH_ROWS:
+        """Queue one output row (a dict of column values); written in row groups of BATCH_ROWS or BATCH_BYTES."""
+        values = {name: row.get(name) for name in self.schema.names}
+        self._rows.append(values)
+        self._bytes += sum(len(v) for v in values.values() if isinstance(v, (bytes, bytearray, str)))
+        if len(self._rows) >= BATCH_ROWS or self._bytes >= BATCH_BYTES:
             self._flush()
 
     def _flush(self) -> None:
         if self._rows:
             self._writer.write_table(self._pa.Table.from_pylist(self._rows, schema=self.schema))
-            self._rows = []
+            self._rows, self._bytes = [], 0
 
     def commit(self) -> None:
         """Finish the file and rename it into place."""

@@ -17,9 +17,9 @@ import numpy as np
 
 from ..palette import ColorHistogram, Palette
 from ..report import Row
+from ..resize import resize_decoded
 from .codec import DecodeError, decode_bytes, fit_kwargs
 from .options import DatasetOptions
-from .resize import resize
 from .samples import ShardError
 from .shard import process_shard, read_shard
 from .sinks import finish, open_temp
@@ -51,10 +51,10 @@ def shared_palette(shards: list[Shard], options: DatasetOptions) -> Palette:
                 if sample.image is None or sample.error is not None:
                     continue
                 try:
-                    pixels = decode_bytes(sample.image.data, max_pixels=options.max_pixels).pixels
+                    decoded = decode_bytes(sample.image.data, max_pixels=options.max_pixels)
                 except DecodeError:
                     continue
-                hist.add(resize(pixels, options.resize, options.resize_mode) if options.resize else pixels)
+                hist.add(resize_decoded(decoded, options.resize).pixels)
         except ShardError:
             continue
     if hist.pixels == 0:

@@ -20,9 +20,9 @@ import numpy as np
 
 from ..quantize import Quantized
 from ..report import Row
+from ..resize import resize_decoded
 from .codec import DecodeError, decode_bytes, encode_image, quantize_images
 from .options import DatasetOptions
-from .resize import resize
 from .samples import Sample, ShardError, iter_files, iter_tar
 from .sinks import FilesSink, ParquetRows, TarSink
 from .sources import Shard
@@ -85,15 +85,12 @@ def _decode(sample: Sample, options: DatasetOptions) -> _Decoded:
         reason = sample.error or "no image member (jpg, jpeg, png, webp, bmp, tif, tiff or gif)"
         return _Decoded(sample, None, [], reason, 0.0)
     try:
-        decoded = decode_bytes(sample.image.data, max_pixels=options.max_pixels)
-        pixels = decoded.pixels
-        if options.resize is not None:
-            pixels = resize(pixels, options.resize, options.resize_mode)
+        decoded = resize_decoded(decode_bytes(sample.image.data, max_pixels=options.max_pixels), options.resize)
     except DecodeError as exc:
         return _Decoded(sample, None, [], str(exc), 0.0)
     except Exception as exc:  # a decoder bug must not end the shard
         return _Decoded(sample, None, [], f"cannot decode: {type(exc).__name__}: {exc}", 0.0)
-    return _Decoded(sample, pixels, decoded.notes, None, time.perf_counter() - t0)
+    return _Decoded(sample, decoded.pixels, decoded.notes, None, time.perf_counter() - t0)
 
 
 def _quantize(items: list[_Decoded], options: DatasetOptions) -> list[Quantized | Exception | None]:
@@ -106,6 +103,7 @@ def _quantize(items: list[_Decoded], options: DatasetOptions) -> list[Quantized 
             palette_space=options.palette_space,
             dither=options.dither,
             device=options.device,
+            target=None if options.quality is None else options.quality[1],
         )
         if good
         else []
@@ -120,8 +118,13 @@ def _encode(result: Quantized, options: DatasetOptions, fmt: str) -> tuple[bytes
     return encode_image(options.image_format, result, options.compress_level)
 
 
+def _below_minimum(result: Quantized, options: DatasetOptions) -> bool:
+    """Whether ``--quality`` refuses ``result``: its PSNR is below the minimum."""
+    return options.quality is not None and result.psnr < options.quality[0]
+
+
 def _encode_safely(result: Quantized | Exception | None, options: DatasetOptions, fmt: str) -> Any:
-    if not isinstance(result, Quantized):
+    if not isinstance(result, Quantized) or _below_minimum(result, options):
         return None
     try:
         return _encode(result, options, fmt)
@@ -131,7 +134,7 @@ def _encode_safely(result: Quantized | Exception | None, options: DatasetOptions
 
 @dataclass(frozen=True)
 class _Where:
-    """Names for the rows of one shard."""
+    """Names for the rows of one shard, and ``--quality``'s minimum PSNR."""
 
     shard: Shard
     dst: Path
@@ -139,6 +142,7 @@ class _Where:
     k: int
     space: str
     dither: str
+    min_psnr: float | None = None
 
 
 def _row(where: _Where, item: _Decoded, result: Any, encoded: Any, sink: Any, seconds: float) -> Row:
@@ -153,6 +157,10 @@ def _row(where: _Where, item: _Decoded, result: Any, encoded: Any, sink: Any, se
     reason = None
     if isinstance(result, Exception):
         reason = f"quantization failed: {result}"
+    elif where.min_psnr is not None and result.psnr < where.min_psnr:  # refused, left out of the output
+        reason = f"PSNR {result.psnr:.2f} dB is below the minimum of {where.min_psnr:g} dB"
+        fields = {"colors": result.n_colors, "psnr": round(result.psnr, 3), "mse": round(result.mse, 4)}
+        return Row(src, dst, "quality", reason=reason, k=options_k, width=w, height=h, input_bytes=size, **fields)
     elif isinstance(encoded, Exception):
         reason = f"cannot encode: {encoded}"
     else:
@@ -228,7 +236,9 @@ def process_shard(shard: Shard, options: DatasetOptions) -> list[Row]:
     would then never retry it.
     """
     space = options.palette_space if options.palette is not None else options.fit.space
-    where = _Where(shard, output_path(shard, options), options.format_for(shard), _k(options), space, options.dither)
+    minimum = None if options.quality is None else options.quality[0]
+    fmt = options.format_for(shard)
+    where = _Where(shard, output_path(shard, options), fmt, _k(options), space, options.dither, minimum)
     if not options.overwrite and _done(shard, options):
         return [Row(str(shard.path), str(where.dst), "skipped", reason="output exists", k=where.k)]
     options.out.mkdir(parents=True, exist_ok=True)

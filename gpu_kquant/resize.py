@@ -1,13 +1,20 @@
-"""``--resize WxH`` with ``--resize-mode fit|fill|stretch``: antialiased Pillow resampling before quantization."""
+"""``--resize WxH`` with ``--resize-mode fit|fill|stretch``: antialiased Pillow resampling before quantization.
+
+One implementation for every input kind: the image-file worker's decode step
+(:func:`gpu_kquant.worker.read_task`) and the dataset shards' (``gpu_kquant.datasets``)
+both call :func:`resize_decoded`.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["RESIZE_MODES", "parse_size", "resize"]
+from .imagefiles import Decoded
+from .options import RESIZE_MODES, ResizeOptions
 
-RESIZE_MODES = ("fit", "fill", "stretch")
+__all__ = ["RESIZE_MODES", "ResizeOptions", "parse_size", "resize", "resize_decoded"]
+
 # Lanczos (a = 3) is Pillow's sharpest antialiased filter; its support widens with the
 # scale factor when shrinking, so downscaling does not alias.
 _FILTER = Image.Resampling.LANCZOS
@@ -25,7 +32,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def resize(pixels: np.ndarray, size: tuple[int, int], mode: str = "fit") -> np.ndarray:
-    """Resize an image for the dataset.
+    """Resize one image.
 
     Args:
         pixels: (H, W, 3) RGB or (H, W, 4) RGBA uint8.
@@ -51,7 +58,19 @@ def resize(pixels: np.ndarray, size: tuple[int, int], mode: str = "fit") -> np.n
         out = ImageOps.fit(img, size, _FILTER, centering=(0.5, 0.5))
     else:
         out = ImageOps.contain(img, size, _FILTER)
-    return np.asarray(out)
+    return np.ascontiguousarray(np.asarray(out))
+
+
+def resize_decoded(decoded: Decoded, options: ResizeOptions | None) -> Decoded:
+    """``decoded`` resized as ``options`` say, with a note of the change (unchanged when None or already that size)."""
+    if options is None:
+        return decoded
+    h, w = decoded.pixels.shape[:2]
+    pixels = resize(decoded.pixels, options.size, options.mode)
+    if pixels is decoded.pixels:
+        return decoded
+    note = f"resized from {w}x{h} to {pixels.shape[1]}x{pixels.shape[0]} ({options.mode})"
+    return Decoded(pixels, [*decoded.notes, note])
 
 
 def _fits(w: int, h: int, size: tuple[int, int]) -> bool:
