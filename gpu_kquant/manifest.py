@@ -90,7 +90,8 @@ def fingerprint(setup: RunSetup) -> dict[str, Any]:
 
     The fit options (k, space, seed, restarts, iterations, tolerance, fit points), or with a
     fixed palette a hash of its colours and its space (fit options do not matter then);
-    the format, compress level, dither and ``--quality``. The device, threads, batch sizes
+    the format, compress level, dither, ``--quality`` and ``--resize`` (only when given, so
+    runs without it keep the ids they had). The device, threads, batch sizes
     and the policies that decide only whether a file is written are left out: a resumed
     run on another machine keeps its outputs.
     """
@@ -101,6 +102,8 @@ def fingerprint(setup: RunSetup) -> dict[str, Any]:
         "dither": out.dither,
         "quality": None if out.quality is None else list(out.quality),
     }
+    if out.resize is not None:
+        settings["resize"] = dataclasses.asdict(out.resize)
     if setup.palette is None:
         settings["fit"] = dataclasses.asdict(setup.fit)
     else:

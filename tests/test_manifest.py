@@ -24,7 +24,7 @@ from gpu_kquant.manifest import (
     fingerprint,
     fingerprint_id,
 )
-from gpu_kquant.options import EngineOptions, FitOptions, OutputOptions, RunOptions
+from gpu_kquant.options import EngineOptions, FitOptions, OutputOptions, ResizeOptions, RunOptions
 from gpu_kquant.planning import plan_job
 from gpu_kquant.report import Summary
 from gpu_kquant.runsetup import RunSetup
@@ -181,6 +181,7 @@ def test_the_fingerprint_follows_what_makes_the_bytes() -> None:
         RunSetup(FitOptions(k=4), OutputOptions(dither="fs")),
         RunSetup(FitOptions(k=4), OutputOptions(compress_level=9)),
         RunSetup(FitOptions(k=4), OutputOptions(quality=(20.0, 30.0))),
+        RunSetup(FitOptions(k=4), OutputOptions(resize=ResizeOptions(32, 32, "fit"))),
         RunSetup(FitOptions(k=4), OutputOptions(), Palette(np.zeros((4, 3), np.uint8))),
     ]
     ids = {fingerprint_id(fingerprint(s)) for s in changed}
