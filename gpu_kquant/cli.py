@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import __version__
+from .budget import parse_size
 from .control import Progress
 from .datasets.cli import add_dataset_arguments, run_datasets
 from .device import resolve_device
@@ -68,6 +69,13 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _quality(text: str) -> tuple[float, float]:
@@ -148,6 +156,14 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         help="images per batched k-means (default: 16 on CUDA, 4 on the CPU)",
     )
     parser.add_argument("--workers", type=_positive, default=default_workers(), help="decode and write threads each")
+    parser.add_argument(
+        "--memory-budget",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="decoded pixels held at once, e.g. 4G or 512M; a larger image runs alone "
+        "(default: a quarter of the available RAM, 256M..16G)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="redo inputs whose output already exists")
     parser.add_argument(
         "--report", type=Path, default=None, help="JSON-lines report (default: OUT/gpu_kquant_report.jsonl)"
@@ -307,6 +323,7 @@ def run_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Ru
         workers=args.workers,
         batch_size=args.batch_size,
         max_pixels=args.max_pixels,
+        memory_budget=args.memory_budget,
         shard=args.shard,
         ray_address=args.ray_address,
         ray_workers=args.ray_workers,

@@ -195,6 +195,7 @@ def _fit(jobs: list[_Plan], k: int, options: FitOptions, device: torch.device) -
         seed=options.seed,
         device=device,
         keep_restarts=True,
+        stop=options.stop,
     )
     refine = [row for row, p in enumerate(jobs) if p.fine is not p.seed]
     best = best_restarts(coarse, n_init).centroids
@@ -212,6 +213,7 @@ def _fit(jobs: list[_Plan], k: int, options: FitOptions, device: torch.device) -
         max_iter=max_iter,
         tol=tol,
         device=device,
+        stop=options.stop,
     )
     best[torch.tensor(refine, device=dev)] = best_restarts(fine, m).centroids
     return best
