@@ -10,7 +10,10 @@
 3. the driver streams the rows into the same report as the local engine.
 
 Only paths and rows cross the object store; the run's setup (fixed palette included)
-reaches each actor once, in its constructor. Workers that die are restarted and their
+reaches each actor once, in its constructor. Memory: an actor runs one call at a time, and
+splits it into parts whose decoded bytes fit ``--memory-budget`` (default: a quarter of the
+RAM available on the actor's node when it starts), processed one after another; an image
+above the budget is a part of its own. The driver holds paths and rows only. Workers that die are restarted and their
 batches retried (a batch that keeps failing is redone one image at a time, so only the
 culprit gets a failed row); writes are atomic. Inputs and outputs must be on a file
 system every node sees at the same paths. Needs the ``ray`` extra.
@@ -41,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from . import ray_session
+from .budget import budgeted_calls, default_memory_budget, input_bytes
 from .control import Progress, RowEmitter, call_size, default_batch_size, open_report, stoppable
 from .device import resolve_device
 from .options import EngineOptions, RunOptions
@@ -173,11 +177,17 @@ class WorkerActor:
         self.worker = self.worker_class(
             setup, device, io_threads=threads, quantizers=threads if on_cpu else 1, group_size=sub_batch
         )
+        self.memory_budget = setup.memory_budget or default_memory_budget()
+
+    def _cost(self, task: Task) -> int:
+        return input_bytes(task.src, self.worker.setup.max_pixels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         columns = zip(batch["src"], batch["dst"], batch["key"])
         tasks = [Task(Path(str(src)), Path(str(dst)), str(key)) for src, dst, key in columns]
-        rows = self.worker.process(tasks)
+        rows = []
+        for part, _ in budgeted_calls(tasks, len(tasks), self.memory_budget, self._cost):
+            rows += self.worker.process(part)
         if len(rows) != len(tasks):  # pragma: no cover - only a stopped worker returns fewer
             raise RuntimeError(f"the worker returned {len(rows)} rows for {len(tasks)} tasks")
         stages = self.worker.clock.take()
