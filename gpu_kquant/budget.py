@@ -30,15 +30,16 @@ __all__ = [
 
 T = TypeVar("T")
 
-# The decoded-byte estimate covers decoding only; quantizing an image needs its own working
-# memory on top (colour set, labels, the mapped indices and the encoded file). Measured peak
-# RSS over the decode estimate, one image per run on the CPU: a flat 9000x9000 PNG (estimate
-# 891 MB) and a 4-megapixel photo mosaic at k = 256: see _BUDGET_FRACTION's figures in the
-# report of issue 12. A quarter of the available RAM leaves room for that working memory and
-# for the rest of the machine.
+# The decoded-byte estimate covers decoding only; quantizing an image needs working memory
+# on top (colour set, labels, mapped indices, the encoded file). Measured (2-core EPYC, CPU,
+# MALLOC_ARENA_MAX=2): four flat 9000x9000 PNGs (estimate 891 MB each) run with a 1 GiB budget,
+# so one at a time, peak at 1.89 GB RSS, of which 0.37 GB is the interpreter with PyTorch: the
+# working memory is about 0.7x the estimate again. A quarter of the available RAM for the
+# estimates thus keeps the peak near half of it, leaving the rest to the machine.
 _BUDGET_FRACTION = 0.25
-# Clamps: below 256 MiB a single 8-megapixel photo would already run alone; above 16 GiB
-# more prefetch buys no speed (a batch closes at 64 megapixels, EngineOptions.batch_pixels).
+# Clamps (chosen, not measured): 256 MiB still holds three 8-megapixel photos at once (88 MB
+# each by the estimate); 16 GiB holds about 1,500 megapixels, far more than the few calls in
+# flight can use (a k-means batch closes at 64 megapixels, EngineOptions.batch_pixels).
 _MIN_BUDGET = 256 << 20
 _MAX_BUDGET = 16 << 30
 # Seconds between checks of the stop flag while waiting for bytes.

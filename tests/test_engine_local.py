@@ -169,3 +169,21 @@ def test_images_over_the_pixel_limit_are_refused_before_decoding(
     (row,) = [r for r in map(json.loads, lines) if str(r.get("input", "")).endswith("bomb.png")]
     assert "above the limit of 10000000" in row["reason"], row
     assert taken == [0]
+
+
+def test_the_shared_palette_pass_keeps_to_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        Image.new("RGB", (1000, 800), (40 * i, 90, 0)).save(src / f"{i}.png")
+    (src / "bad.png").write_bytes(b"nope")
+    each = estimated_decoded_bytes(src / "0.png")
+    live = LiveDecoded()
+    monkeypatch.setattr(worker_module, "load_image", live.wrap(worker_module.load_image))
+    run = RunOptions((src,), FitOptions(k=4), OutputOptions(out=tmp_path / "out"), EngineOptions(workers=4))
+    budget = budget_module.MemoryBudget(int(2.5 * each))
+    hist = engine_local.shared_histogram(plan_job(run).tasks, run, torch.device("cpu"), budget)
+    assert hist.pixels == 6 * 1000 * 800 and live.decoded == 6
+    assert live.peak <= budget.limit and budget.held == 0
