@@ -346,7 +346,7 @@ static void dist_to(const float *x, int n, int d, const float *c, float *out) {
 /* Weighted greedy k-means++ of one problem; scratch: closest, tmp (n floats), cum (n doubles). */
 MULTIVERSION
 static int kpp_one(const float *x, const float *w, int n, int k, int nc, int d, const double *u, float *cen,
-                   float *closest, float *tmp, double *cum, double *pot) {
+                   float *closest, float *tmp, double *cum, double *pot, const volatile uint8_t *stop) {
     double acc = 0.0;
     for (int i = 0; i < n; i++) cum[i] = acc += (double)w[i];
     int first = sample_index(cum, n, u[0]);
@@ -354,6 +354,7 @@ static int kpp_one(const float *x, const float *w, int n, int k, int nc, int d, 
     dist_to(x, n, d, cen, closest);
     int n_eff = 1;
     for (int c = 1; c < k; c++) {
+        if (stop && *stop) break; /* the caller raises; the centres are not used */
         acc = 0.0;
         for (int i = 0; i < n; i++) cum[i] = acc += (double)(w[i] * closest[i]);
         int alive = cum[n - 1] > 0;
@@ -381,26 +382,31 @@ static int kpp_one(const float *x, const float *w, int n, int k, int nc, int d, 
     return n_eff;
 }
 
-/* kmeans_pp(points, weights, uniforms, centres, n_eff, B, N, k, L, D) */
+/* kmeans_pp(points, weights, uniforms, centres, n_eff, B, N, k, L, D[, stop]); ``stop``: a one-byte
+ * buffer (or None) polled before every centre, as in lloyd */
 static PyObject *py_kmeans_pp(PyObject *self, PyObject *args) {
-    PyObject *o[5];
+    PyObject *o[6];
     int b, n, k, l, d;
-    if (!PyArg_ParseTuple(args, "OOOOOiiiii", &o[0], &o[1], &o[2], &o[3], &o[4], &b, &n, &k, &l, &d)) return NULL;
+    o[5] = Py_None;
+    if (!PyArg_ParseTuple(args, "OOOOOiiiii|O", &o[0], &o[1], &o[2], &o[3], &o[4], &b, &n, &k, &l, &d, &o[5]))
+        return NULL;
     if (check_dims(b, n, k, d) < 0) return NULL;
     if (l < 1 || l > 64) return PyErr_Format(PyExc_ValueError, "candidates per step must be 1..64, got %d", l);
-    Buf v[5];
+    Buf v[6];
     memset(v, 0, sizeof(v));
     Py_ssize_t bn = (Py_ssize_t)b * n;
     if (get(o[0], &v[0], bn * d, 4, 0, "points") < 0 || get(o[1], &v[1], bn, 4, 0, "weights") < 0 ||
         get(o[2], &v[2], (Py_ssize_t)b * k * l, 8, 0, "uniforms") < 0 ||
-        get(o[3], &v[3], (Py_ssize_t)b * k * d, 4, 1, "centres") < 0 || get(o[4], &v[4], b, 8, 1, "n_eff") < 0) {
-        release(v, 5);
+        get(o[3], &v[3], (Py_ssize_t)b * k * d, 4, 1, "centres") < 0 || get(o[4], &v[4], b, 8, 1, "n_eff") < 0 ||
+        get(o[5], &v[5], 1, 1, 0, "stop") < 0) {
+        release(v, 6);
         return NULL;
     }
+    const volatile uint8_t *stop = v[5].held ? (const volatile uint8_t *)v[5].view.buf : NULL;
     float *scratch = malloc(sizeof(float) * 2 * (size_t)(n > 0 ? n : 1));
     double *cum = malloc(sizeof(double) * ((size_t)(n > 0 ? n : 1) + (size_t)l));
     if (!scratch || !cum) {
-        free(scratch), free(cum), release(v, 5);
+        free(scratch), free(cum), release(v, 6);
         return PyErr_NoMemory();
     }
     const float *pts = v[0].view.buf, *w = v[1].view.buf;
@@ -410,11 +416,11 @@ static PyObject *py_kmeans_pp(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS for (int p = 0; p < b; p++) {
         size_t off = (size_t)p * n;
         n_eff[p] = kpp_one(pts + off * d, w + off, n, k, l, d, u + (size_t)p * k * l, cen + (size_t)p * k * d, scratch,
-                           scratch + n, cum, cum + n);
+                           scratch + n, cum, cum + n, stop);
     }
     Py_END_ALLOW_THREADS free(scratch);
     free(cum);
-    release(v, 5);
+    release(v, 6);
     Py_RETURN_NONE;
 }
 

@@ -311,3 +311,28 @@ def test_an_unset_flag_changes_nothing() -> None:
     plain = kmeans(x, 8, n_init=2, seed=3, device="cpu")
     flagged = kmeans(x, 8, n_init=2, seed=3, device="cpu", stop=StopFlag())
     assert torch.equal(plain.centroids, flagged.centroids) and torch.equal(plain.labels, flagged.labels)
+
+
+def test_a_stop_flag_ends_a_long_seeding_within_two_seconds() -> None:
+    """k-means++ on 4 x 65,536 points at k = 512 is one kernel call of several seconds; it polls the flag."""
+    km = importlib.import_module("gpu_kquant.kmeans")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand((4, 65536, 3), generator=gen) * 255
+    u = km._uniforms(0, [0, 1, 2, 3], (512, km.kpp_candidates(512)), torch.device("cpu"))
+    stop, outcome = StopFlag(), []
+
+    def seed() -> None:
+        try:
+            outcome.append(km.kmeans_plusplus(x, torch.ones(4, 65536), 512, u, stop))
+        except Stopped as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=seed, daemon=True)
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive(), "the seeding should still be running"
+    stop.set()
+    start = time.perf_counter()
+    thread.join(60)
+    assert time.perf_counter() - start < 2.0
+    assert len(outcome) == 1 and isinstance(outcome[0], Stopped), outcome

@@ -80,11 +80,14 @@ def min_update(points: torch.Tensor, centre: torch.Tensor, closest: torch.Tensor
     return out
 
 
-def kmeans_pp(points: torch.Tensor, weights: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans_pp(
+    points: torch.Tensor, weights: torch.Tensor, uniforms: torch.Tensor, stop: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole weighted greedy k-means++ per problem; see :func:`gpu_kquant.kmeans.kmeans_plusplus`.
 
     Args:
         points: (B, N, D) float32; weights: (B, N) float32; uniforms: (B, k, L) float64.
+        stop: as in :func:`lloyd`, polled before every centre.
 
     Returns:
         centres (B, k, D) float32 and the effective k (B,) int64.
@@ -95,7 +98,7 @@ def kmeans_pp(points: torch.Tensor, weights: torch.Tensor, uniforms: torch.Tenso
     n_eff = torch.empty(b, dtype=torch.long)
     _kernels.kmeans_pp(
         _np(_f32(points)), _np(_f32(weights)), _np(uniforms.double().contiguous()), _np(centres), _np(n_eff),
-        b, n, k, n_cand, d,
+        b, n, k, n_cand, d, stop,
     )  # fmt: skip
     return centres, n_eff
 
