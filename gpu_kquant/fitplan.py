@@ -16,6 +16,7 @@ from .colors import ColorSet, bin_colors
 from .kmeans import best_restarts, kmeans
 from .options import FitOptions
 from .spaces import ColorSpace
+from .stopping import check_stop
 
 __all__ = ["FINE_BITS", "as_rgba", "fit_palettes"]
 
@@ -235,6 +236,7 @@ def fit_palettes(
     bins: list[tuple[torch.Tensor, torch.Tensor] | None] = []
     jobs: dict[tuple[int, int], list[tuple[int, int, _Plan]]] = {}
     for i, cs in enumerate(sets):
+        check_stop(options.stop)  # preparing a set of 65,536 colours takes a second or so
         transparent, opaque, translucent = _split(cs, space)
         pieces: list[torch.Tensor | None] = []
         if transparent:
@@ -255,6 +257,7 @@ def fit_palettes(
         parts.append(pieces)
 
     for (_, k_group), batch in jobs.items():
+        check_stop(options.stop)
         plans = [plan for _, _, plan in batch]
         centroids = _fit(plans, k_group, options, device)
         for row, (i, slot, _) in enumerate(batch):
