@@ -282,7 +282,11 @@ def run_on_ray(
     a local Ray, or use the one this process is connected to. ``run.engine.ray_workers``:
     actors, at most one per GPU (default: every GPU), or CPU actors without GPUs (default 1).
     ``actor``: the actor class (tests inject one that crashes). Ctrl-C (or SIGTERM) stops
-    early and returns the summary with ``interrupted=True``.
+    early and returns the summary with ``interrupted=True``: the driver stops reading rows
+    and leaves the dataset, and Ray ends the actors (a k-means in progress with them) when
+    the pool is torn down or, for a Ray this command started, at its shutdown. Each actor's
+    worker also has its own stop flag, checked by k-means between iterations, for callers
+    that stop a worker in place.
     """
     start = time.perf_counter()
     remove_stale_temps(job.roots)
