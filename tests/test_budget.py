@@ -143,3 +143,16 @@ def test_inputs_refused_before_decoding_cost_nothing(tmp_path: Path) -> None:
     (tmp_path / "bad.png").write_bytes(b"not an image")
     assert input_bytes(tmp_path / "bad.png") == 0
     assert input_bytes(tmp_path / "missing.png") == 0
+
+
+def test_the_cli_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gpu_kquant.cli import build_parser, run_options
+
+    parser = build_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args([str(tmp_path), "--memory-budget", "4X"])
+    assert exit_info.value.code == 2  # a usage error
+    assert "--memory-budget: expected a size such as 4G" in capsys.readouterr().err
+    args = parser.parse_args([str(tmp_path), "--memory-budget", "512M", "--device", "cpu"])
+    assert run_options(args, parser).engine.memory_budget == 512 << 20
+    assert run_options(parser.parse_args([str(tmp_path), "--device", "cpu"]), parser).engine.memory_budget is None
