@@ -346,7 +346,7 @@ static void dist_to(const float *x, int n, int d, const float *c, float *out) {
 /* Weighted greedy k-means++ of one problem; scratch: closest, tmp (n floats), cum (n doubles). */
 MULTIVERSION
 static int kpp_one(const float *x, const float *w, int n, int k, int nc, int d, const double *u, float *cen,
-                   float *closest, float *tmp, double *cum, double *pot) {
+                   float *closest, float *tmp, double *cum, double *pot, const volatile uint8_t *stop) {
     double acc = 0.0;
     for (int i = 0; i < n; i++) cum[i] = acc += (double)w[i];
     int first = sample_index(cum, n, u[0]);
@@ -354,6 +354,7 @@ static int kpp_one(const float *x, const float *w, int n, int k, int nc, int d, 
     dist_to(x, n, d, cen, closest);
     int n_eff = 1;
     for (int c = 1; c < k; c++) {
+        if (stop && *stop) break; /* the caller raises; the centres are not used */
         acc = 0.0;
         for (int i = 0; i < n; i++) cum[i] = acc += (double)(w[i] * closest[i]);
         int alive = cum[n - 1] > 0;
@@ -381,26 +382,31 @@ static int kpp_one(const float *x, const float *w, int n, int k, int nc, int d, 
     return n_eff;
 }
 
-/* kmeans_pp(points, weights, uniforms, centres, n_eff, B, N, k, L, D) */
+/* kmeans_pp(points, weights, uniforms, centres, n_eff, B, N, k, L, D[, stop]); ``stop``: a one-byte
+ * buffer (or None) polled before every centre, as in lloyd */
 static PyObject *py_kmeans_pp(PyObject *self, PyObject *args) {
-    PyObject *o[5];
+    PyObject *o[6];
     int b, n, k, l, d;
-    if (!PyArg_ParseTuple(args, "OOOOOiiiii", &o[0], &o[1], &o[2], &o[3], &o[4], &b, &n, &k, &l, &d)) return NULL;
+    o[5] = Py_None;
+    if (!PyArg_ParseTuple(args, "OOOOOiiiii|O", &o[0], &o[1], &o[2], &o[3], &o[4], &b, &n, &k, &l, &d, &o[5]))
+        return NULL;
     if (check_dims(b, n, k, d) < 0) return NULL;
     if (l < 1 || l > 64) return PyErr_Format(PyExc_ValueError, "candidates per step must be 1..64, got %d", l);
-    Buf v[5];
+    Buf v[6];
     memset(v, 0, sizeof(v));
     Py_ssize_t bn = (Py_ssize_t)b * n;
     if (get(o[0], &v[0], bn * d, 4, 0, "points") < 0 || get(o[1], &v[1], bn, 4, 0, "weights") < 0 ||
         get(o[2], &v[2], (Py_ssize_t)b * k * l, 8, 0, "uniforms") < 0 ||
-        get(o[3], &v[3], (Py_ssize_t)b * k * d, 4, 1, "centres") < 0 || get(o[4], &v[4], b, 8, 1, "n_eff") < 0) {
-        release(v, 5);
+        get(o[3], &v[3], (Py_ssize_t)b * k * d, 4, 1, "centres") < 0 || get(o[4], &v[4], b, 8, 1, "n_eff") < 0 ||
+        get(o[5], &v[5], 1, 1, 0, "stop") < 0) {
+        release(v, 6);
         return NULL;
     }
+    const volatile uint8_t *stop = v[5].held ? (const volatile uint8_t *)v[5].view.buf : NULL;
     float *scratch = malloc(sizeof(float) * 2 * (size_t)(n > 0 ? n : 1));
     double *cum = malloc(sizeof(double) * ((size_t)(n > 0 ? n : 1) + (size_t)l));
     if (!scratch || !cum) {
-        free(scratch), free(cum), release(v, 5);
+        free(scratch), free(cum), release(v, 6);
         return PyErr_NoMemory();
     }
     const float *pts = v[0].view.buf, *w = v[1].view.buf;
@@ -410,11 +416,11 @@ static PyObject *py_kmeans_pp(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS for (int p = 0; p < b; p++) {
         size_t off = (size_t)p * n;
         n_eff[p] = kpp_one(pts + off * d, w + off, n, k, l, d, u + (size_t)p * k * l, cen + (size_t)p * k * d, scratch,
-                           scratch + n, cum, cum + n);
+                           scratch + n, cum, cum + n, stop);
     }
     Py_END_ALLOW_THREADS free(scratch);
     free(cum);
-    release(v, 5);
+    release(v, 6);
     Py_RETURN_NONE;
 }
 
@@ -423,6 +429,7 @@ typedef struct {
     const int64_t *qx, *qw;
     int n, k, d, k_eff, max_iter;
     double tol, sx, sw;
+    const volatile uint8_t *stop; /* a cooperative stop flag, polled between iterations; NULL: none */
 } Problem;
 
 /* Move each empty cluster onto a distinct worst-fit point (largest d2, lowest index first). */
@@ -615,6 +622,7 @@ static int lloyd_one(const Problem *pr, float *cen, int64_t *labels, float *d2, 
     int it = 1, empties = 0;
     for (; it <= pr->max_iter; it++) {
         double shift;
+        if (pr->stop && *pr->stop) break; /* the caller raises; the results are not used */
         if (use_bounds && empties) exact_d2(pr, cen, labels, d2); /* re-seeding needs every distance */
         int moved = update(pr, cen, d2, sums, mass, newc, taken, &shift);
         memcpy(old, cen, sizeof(float) * (size_t)k * d);
@@ -642,28 +650,31 @@ static int lloyd_one(const Problem *pr, float *cen, int64_t *labels, float *d2, 
 }
 
 /* lloyd(points, weights, qx, qw, centroids, n_eff, tol, scale_x, scale_w, labels, d2, n_iter, converged,
- *       B, N, k, D, max_iter); centroids updated in place */
+ *       B, N, k, D, max_iter[, stop]); centroids updated in place. ``stop``: a one-byte buffer (or None)
+ *       that another thread sets to 1 to end the loop after the current iteration. */
 static PyObject *py_lloyd(PyObject *self, PyObject *args) {
-    PyObject *o[13];
+    PyObject *o[14];
     int b, n, k, d, max_iter;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOiiiii", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
-                          &o[9], &o[10], &o[11], &o[12], &b, &n, &k, &d, &max_iter))
+    o[13] = Py_None;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOiiiii|O", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7],
+                          &o[8], &o[9], &o[10], &o[11], &o[12], &b, &n, &k, &d, &max_iter, &o[13]))
         return NULL;
     if (check_dims(b, n, k, d) < 0) return NULL;
-    Buf v[13];
+    Buf v[14];
     memset(v, 0, sizeof(v));
     Py_ssize_t bn = (Py_ssize_t)b * n;
-    const char *names[13] = {"points", "weights", "qx", "qw", "centroids", "n_eff", "tol", "scale_x", "scale_w",
-                             "labels", "d2", "n_iter", "converged"};
-    Py_ssize_t items[13] = {bn * d, bn, bn * d, bn, (Py_ssize_t)b * k * d, b, b, b, b, bn, bn, b, b};
-    Py_ssize_t sizes[13] = {4, 4, 8, 8, 4, 8, 8, 8, 8, 8, 4, 8, 1};
-    int writable[13] = {0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 1};
-    for (int i = 0; i < 13; i++) {
+    const char *names[14] = {"points", "weights", "qx", "qw", "centroids", "n_eff", "tol", "scale_x", "scale_w",
+                             "labels", "d2", "n_iter", "converged", "stop"};
+    Py_ssize_t items[14] = {bn * d, bn, bn * d, bn, (Py_ssize_t)b * k * d, b, b, b, b, bn, bn, b, b, 1};
+    Py_ssize_t sizes[14] = {4, 4, 8, 8, 4, 8, 8, 8, 8, 8, 4, 8, 1, 1};
+    int writable[14] = {0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0};
+    for (int i = 0; i < 14; i++) {
         if (get(o[i], &v[i], items[i], sizes[i], writable[i], names[i]) < 0) {
-            release(v, 13);
+            release(v, 14);
             return NULL;
         }
     }
+    const volatile uint8_t *stop = v[13].held ? (const volatile uint8_t *)v[13].view.buf : NULL;
     int64_t *scratch = malloc(sizeof(int64_t) * ((size_t)k * (d + 1) + 2 * (size_t)n + (size_t)k + 1));
     float *newc = malloc(sizeof(float) * 2 * (size_t)k * d);
     Bounds bounds, *bd = NULL;
@@ -679,16 +690,17 @@ static PyObject *py_lloyd(PyObject *self, PyObject *args) {
         }
     }
     if (!scratch || !newc || (k >= BOUNDS_MIN_K && !bd)) {
-        free(scratch), free(newc), free(dbl), release(v, 13);
+        free(scratch), free(newc), free(dbl), release(v, 14);
         if (k >= BOUNDS_MIN_K) free(bounds.todo), free(bounds.buf);
         return PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS for (int p = 0; p < b; p++) {
         size_t off = (size_t)p * n;
+        if (stop && *stop) break;
         Problem pr = {(const float *)v[0].view.buf + off * d, (const float *)v[1].view.buf + off,
                       (const int64_t *)v[2].view.buf + off * d, (const int64_t *)v[3].view.buf + off, n, k, d,
                       (int)((const int64_t *)v[5].view.buf)[p], max_iter, ((const double *)v[6].view.buf)[p],
-                      ((const double *)v[7].view.buf)[p], ((const double *)v[8].view.buf)[p]};
+                      ((const double *)v[7].view.buf)[p], ((const double *)v[8].view.buf)[p], stop};
         int conv = 0;
         int iters = lloyd_one(&pr, (float *)v[4].view.buf + (size_t)p * k * d, (int64_t *)v[9].view.buf + off,
                               (float *)v[10].view.buf + off, scratch, newc, &conv, bd);
@@ -698,7 +710,7 @@ static PyObject *py_lloyd(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS free(scratch);
     free(newc);
     if (bd) free(dbl), free(bounds.todo), free(bounds.buf);
-    release(v, 13);
+    release(v, 14);
     Py_RETURN_NONE;
 }
 

@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import __version__
+from .budget import parse_size as parse_bytes
 from .control import Progress
 from .datasets.cli import add_dataset_arguments, run_datasets
 from .device import resolve_device
@@ -30,7 +31,7 @@ from .palette import Palette, PaletteFileError
 from .planning import MANIFEST_PREFIX, Job, JobError, plan_job
 from .process import configure_process
 from .report import RunLock, Summary, check_report_path
-from .resize import parse_size
+from .resize import parse_size as parse_dimensions
 from .spaces import SPACES
 
 __all__ = ["ENGINES", "build_parser", "command", "main", "run_options"]
@@ -72,9 +73,16 @@ def _positive(text: str) -> int:
     return value
 
 
-def _size(text: str) -> tuple[int, int]:
+def _dimensions(text: str) -> tuple[int, int]:
     try:
-        return parse_size(text)
+        return parse_dimensions(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _bytes(text: str) -> int:
+    try:
+        return parse_bytes(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -159,6 +167,14 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=_positive, default=default_workers(), help="decode and write threads each")
     parser.add_argument(
+        "--memory-budget",
+        type=_bytes,
+        default=None,
+        metavar="SIZE",
+        help="decoded pixels held at once, e.g. 4G or 512M; a larger image runs alone "
+        "(default: a quarter of the available RAM, 256M..16G)",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="redo outputs gpu_kquant wrote before (a file it did not write is never replaced)",
@@ -236,7 +252,7 @@ def _add_resize_flags(parser: argparse.ArgumentParser) -> None:
     """--resize and --resize-mode: one step before quantization for every input kind."""
     parser.add_argument(
         "--resize",
-        type=_size,
+        type=_dimensions,
         default=None,
         metavar="WxH",
         help="resize every image before quantizing (Lanczos, antialiased; files, folders, shards and Parquet)",
@@ -339,6 +355,7 @@ def run_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Ru
         workers=args.workers,
         batch_size=args.batch_size,
         max_pixels=args.max_pixels,
+        memory_budget=args.memory_budget,
         shard=args.shard,
         ray_address=args.ray_address,
         ray_workers=args.ray_workers,

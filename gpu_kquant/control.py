@@ -24,6 +24,7 @@ from .planning import Job
 from .preview import Gallery
 from .report import ReportWriter, Row, Summary
 from .runsetup import RunSetup
+from .stopping import Stopped  # SIGTERM raises it in the main thread; a stopped k-means in a worker
 
 __all__ = [
     "Progress",
@@ -152,10 +153,6 @@ class RowEmitter:
         self.report.write(_displayable(row))
         if self.progress is not None:
             self.progress(1, (row.width or 0) * (row.height or 0) if row.status == "ok" else 0)
-
-
-class Stopped(Exception):
-    """Raised in the main thread by SIGTERM so that a run stops like Ctrl-C."""
 
 
 @contextlib.contextmanager

@@ -11,7 +11,10 @@
    output's size and hash into the manifest.
 
 Only paths and rows cross the object store; the run's setup (fixed palette included)
-reaches each actor once, in its constructor. Workers that die are restarted and their
+reaches each actor once, in its constructor. Memory: an actor runs one call at a time, and
+splits it into parts whose decoded bytes fit ``--memory-budget`` (default: a quarter of the
+RAM available on the actor's node when it starts), processed one after another; an image
+above the budget is a part of its own. The driver holds paths and rows only. Workers that die are restarted and their
 batches retried (a batch that keeps failing is redone one image at a time, so only the
 culprit gets a failed row); writes are atomic. Inputs and outputs must be on a file
 system every node sees at the same paths. Needs the ``ray`` extra.
@@ -42,6 +45,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from . import ray_session
+from .budget import budgeted_calls, default_memory_budget, input_bytes
 from .control import Progress, RowEmitter, call_size, default_batch_size, open_report, stoppable
 from .device import resolve_device
 from .manifest import Manifest, open_manifest
@@ -175,11 +179,17 @@ class WorkerActor:
         self.worker = self.worker_class(
             setup, device, io_threads=threads, quantizers=threads if on_cpu else 1, group_size=sub_batch
         )
+        self.memory_budget = setup.memory_budget or default_memory_budget()
+
+    def _cost(self, task: Task) -> int:
+        return input_bytes(task.src, self.worker.setup.max_pixels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         columns = zip(batch["src"], batch["dst"], batch["key"])
         tasks = [Task(Path(str(src)), Path(str(dst)), str(key)) for src, dst, key in columns]
-        rows = self.worker.process(tasks)
+        rows = []
+        for part, _ in budgeted_calls(tasks, len(tasks), self.memory_budget, self._cost):
+            rows += self.worker.process(part)
         if len(rows) != len(tasks):  # pragma: no cover - only a stopped worker returns fewer
             raise RuntimeError(f"the worker returned {len(rows)} rows for {len(tasks)} tasks")
         stages = self.worker.clock.take()
@@ -277,7 +287,11 @@ def run_on_ray(
     a local Ray, or use the one this process is connected to. ``run.engine.ray_workers``:
     actors, at most one per GPU (default: every GPU), or CPU actors without GPUs (default 1).
     ``actor``: the actor class (tests inject one that crashes). Ctrl-C (or SIGTERM) stops
-    early and returns the summary with ``interrupted=True``.
+    early and returns the summary with ``interrupted=True``: the driver stops reading rows
+    and leaves the dataset, and Ray ends the actors (a k-means in progress with them) when
+    the pool is torn down or, for a Ray this command started, at its shutdown. Each actor's
+    worker also has its own stop flag, checked by k-means between iterations, for callers
+    that stop a worker in place.
     """
     start = time.perf_counter()
     remove_stale_temps(job.roots)

@@ -16,6 +16,7 @@ from .colors import ColorSet, bin_colors
 from .kmeans import best_restarts, kmeans
 from .options import FitOptions
 from .spaces import ColorSpace
+from .stopping import check_stop
 
 __all__ = ["FINE_BITS", "as_rgba", "fit_palettes"]
 
@@ -195,6 +196,7 @@ def _fit(jobs: list[_Plan], k: int, options: FitOptions, device: torch.device) -
         seed=options.seed,
         device=device,
         keep_restarts=True,
+        stop=options.stop,
     )
     refine = [row for row, p in enumerate(jobs) if p.fine is not p.seed]
     best = best_restarts(coarse, n_init).centroids
@@ -212,6 +214,7 @@ def _fit(jobs: list[_Plan], k: int, options: FitOptions, device: torch.device) -
         max_iter=max_iter,
         tol=tol,
         device=device,
+        stop=options.stop,
     )
     best[torch.tensor(refine, device=dev)] = best_restarts(fine, m).centroids
     return best
@@ -233,6 +236,7 @@ def fit_palettes(
     bins: list[tuple[torch.Tensor, torch.Tensor] | None] = []
     jobs: dict[tuple[int, int], list[tuple[int, int, _Plan]]] = {}
     for i, cs in enumerate(sets):
+        check_stop(options.stop)  # preparing a set of 65,536 colours takes a second or so
         transparent, opaque, translucent = _split(cs, space)
         pieces: list[torch.Tensor | None] = []
         if transparent:
@@ -253,6 +257,7 @@ def fit_palettes(
         parts.append(pieces)
 
     for (_, k_group), batch in jobs.items():
+        check_stop(options.stop)
         plans = [plan for _, _, plan in batch]
         centroids = _fit(plans, k_group, options, device)
         for row, (i, slot, _) in enumerate(batch):

@@ -217,20 +217,22 @@ def _open(p: Path) -> Image.Image:
 _NATIVE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 
 
-def estimated_decoded_bytes(path: str | os.PathLike) -> int:
+def estimated_decoded_bytes(path: str | os.PathLike, *, max_pixels: int | None = None) -> int:
     """Peak memory, in bytes, that :func:`load_image` will need for ``path``, from its header alone.
 
     Nothing is decoded: ``width * height * (native + 4 + channels)``, that is Pillow's
     decoded frame (1, 2 or 4 bytes a pixel by mode), its RGB(A) conversion (4) and the
     returned array (3, or 4 with transparency). A decode prefetch can be bounded by the
     sum of these instead of a count of files: a 79 KB PNG can hold 81 MP, about 1 GB
-    here.
+    here. 0 above ``max_pixels``: :func:`load_image` refuses those before decoding.
 
     Raises:
         DecodeError: when the header cannot be read (the same reasons as :func:`load_image`).
     """
     with _open(Path(path)) as img:
         w, h = img.size
+        if max_pixels is not None and w * h > max_pixels:
+            return 0
         native = _NATIVE_BYTES.get(img.mode, 4)
         channels = 4 if img.mode in _TRANSPARENT_MODES or "transparency" in img.info else 3
     return w * h * (native + 4 + channels)

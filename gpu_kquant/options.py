@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,10 @@ class FitOptions:
         tol: Lloyd tolerance, relative to the data's variance (scikit-learn's rule).
         max_fit_points: colour sets above this are fitted on a histogram
             (``None``: :func:`auto_fit_points`).
+        stop: a cooperative stop (a :class:`gpu_kquant.stopping.StopFlag`, or any
+            :class:`threading.Event`): once set, k-means raises
+            :class:`gpu_kquant.stopping.Stopped` between iterations. Not part of what the
+            options mean: left out of ``==``, ``hash`` and ``repr``; the engines set it.
     """
 
     k: int = 16
@@ -76,6 +81,7 @@ class FitOptions:
     max_iter: int = 300
     tol: float = 1e-4
     max_fit_points: int | None = None
+    stop: threading.Event | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         k = self.k
@@ -181,6 +187,9 @@ class EngineOptions:
         batch_size: images per batched k-means (``None``: :func:`gpu_kquant.control.default_batch_size`).
         batch_pixels: a k-means batch closes at this many pixels, whatever its image count.
         max_pixels: inputs above this many pixels fail with a clear reason (``None``: no limit).
+        memory_budget: bytes of decoded pixels held at once, decode prefetch and batches
+            together (``None``: :func:`gpu_kquant.budget.default_memory_budget`, from the
+            RAM available when the run starts). An image larger than the whole budget runs alone.
         shard: ``(index, count)``: process only this deterministic part of the inputs.
         ray_address: Ray cluster to join (``None``: start a local Ray).
         ray_workers: quantize actors on Ray (``None``: one per GPU, or 1).
@@ -192,9 +201,14 @@ class EngineOptions:
     batch_size: int | None = None
     batch_pixels: int = 64_000_000
     max_pixels: int | None = None
+    memory_budget: int | None = None
     shard: tuple[int, int] = (0, 1)
     ray_address: str | None = None
     ray_workers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory_budget is not None and self.memory_budget < 1:
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {self.memory_budget}")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from .fitplan import as_rgba, fit_palettes
 from .nearest import assign, assign_with_bounds, nearest_two
 from .options import FitOptions
 from .spaces import SPACES, ColorSpace
+from .stopping import check_stop
 
 __all__ = ["DITHERS", "SPACES", "Quantized", "fit_palette", "map_to_palette", "quantize", "quantize_batch", "to_tensor"]
 
@@ -377,10 +378,11 @@ def quantize_batch(
     keys = [pack(t) for t in tensors]
     sets = [color_set(kk, t.shape[2]) for kk, t in zip(keys, tensors)]
     fitted = fit_palettes(sets, fit, dev)
-    return [
-        _finish(t, kk, cs, sp, pal, b if dither == "none" else None, fixed=False, dither=dither)
-        for t, kk, cs, (pal, b) in zip(tensors, keys, sets, fitted)
-    ]
+    out = []
+    for t, kk, cs, (pal, b) in zip(tensors, keys, sets, fitted):
+        check_stop(fit.stop)  # mapping a large image takes seconds at k = 256
+        out.append(_finish(t, kk, cs, sp, pal, b if dither == "none" else None, fixed=False, dither=dither))
+    return out
 
 
 def map_to_palette(

@@ -48,6 +48,8 @@ class RunSetup:
         preview: where previews go, or ``None``.
         max_pixels: inputs above this many pixels fail (``None``: no limit).
         batch_pixels: a k-means batch closes at this many pixels.
+        memory_budget: bytes of decoded pixels a worker process holds at once (``None``:
+            :func:`gpu_kquant.budget.default_memory_budget` where it runs); see ``--memory-budget``.
     """
 
     fit: FitOptions
@@ -56,6 +58,7 @@ class RunSetup:
     preview: PreviewTarget | None = None
     max_pixels: int | None = None
     batch_pixels: int = 64_000_000
+    memory_budget: int | None = None
 
     @property
     def space(self) -> str:
@@ -113,4 +116,5 @@ def setup_run(job: Job, run: RunOptions, device: torch.device, histogram: Histog
             preview = PreviewTarget(job.out_dir / "preview", side_by_side=False)
     palette = resolve_palette(job, run, device, histogram)
     fit = run.fit if palette is None else dataclasses.replace(run.fit, k=len(palette))
-    return RunSetup(fit, run.output, palette, preview, run.engine.max_pixels, run.engine.batch_pixels)
+    engine = run.engine
+    return RunSetup(fit, run.output, palette, preview, engine.max_pixels, engine.batch_pixels, engine.memory_budget)

@@ -10,6 +10,7 @@ batched k-means. A bad file only ever gives a failed row.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from .report import Row
 from .resize import resize_decoded
 from .rows import decode_failure_row, failed_row
 from .runsetup import RunSetup
+from .stopping import StopFlag, Stopped
 from .writing import Item, write_result
 
 __all__ = ["Item", "Worker", "add_pixel_shares", "quantize_items", "read_task"]
@@ -65,15 +67,22 @@ def quantize_items(items: list[Item], setup: RunSetup, device: torch.device) -> 
     """One batched quantization (fixed palette, ``--quality`` search or a fit per image).
 
     A failing batch is retried image by image, so only the culprit gets an exception.
+
+    Raises:
+        Stopped: ``setup.fit.stop`` was set (no image failed; the run is stopping).
     """
     pixels = [item.decoded.pixels for item in items]
     try:
         return list(_quantize(pixels, setup, device))
+    except Stopped:
+        raise
     except Exception:
         results: list[Result] = []
         for px in pixels:
             try:
                 results.append(_quantize([px], setup, device)[0])
+            except Stopped:
+                raise
             except Exception as exc:
                 results.append(exc)
         return results
@@ -95,7 +104,9 @@ class Worker:
         io_threads: decode and write threads.
         quantizers: quantize threads (default: :func:`~gpu_kquant.control.quantizer_threads`).
         group_size: images per batched k-means (default: :func:`~gpu_kquant.control.default_batch_size`).
-        stop: once set, calls finish early and return the rows they have.
+        stop: once set, calls finish early and return the rows they have; k-means stops
+            between iterations (a :class:`~gpu_kquant.stopping.StopFlag` also inside the
+            CPU kernels; a plain event is checked by the Python loops only).
         clock: where stage seconds are added.
     """
 
@@ -110,11 +121,11 @@ class Worker:
         stop: threading.Event | None = None,
         clock: StageClock | None = None,
     ) -> None:
-        self.setup = setup
         self.device = resolve_device(device)
         self.quantizers = quantizers or quantizer_threads(self.device)
         self.group_size = group_size or default_batch_size(self.device)
-        self.stop = stop or threading.Event()
+        self.stop = stop if stop is not None else StopFlag()
+        self.setup = dataclasses.replace(setup, fit=dataclasses.replace(setup.fit, stop=self.stop))
         self.clock = clock or StageClock()
         self._io = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="gpu_kquant-io")
         self._quantize_pool = ThreadPoolExecutor(self.quantizers, thread_name_prefix="gpu_kquant-quantize")
@@ -157,7 +168,7 @@ class Worker:
         rows: list[Row | None] = [None] * len(tasks)
         try:
             self._process(tasks, rows, on_row)
-        except (CancelledError, RuntimeError):
+        except (CancelledError, RuntimeError, Stopped):
             if not self.stop.is_set():  # a stop cancels queued work; anything else is a bug
                 raise
         return [row for row in rows if row is not None]

@@ -189,23 +189,25 @@ def test_killed_run_leaves_no_truncated_output_and_resumes(tmp_path: Path) -> No
     assert not [p for p in out.iterdir() if p.name.startswith(".gpu_kquant-")]
 
 
-def test_ctrl_c_stops_quickly_with_a_summary(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_quickly_with_a_summary(tmp_path: Path, sig: signal.Signals) -> None:
+    """At k = 256 a k-means batch runs for seconds; the process still ends within 2 s (issue 12, item 17)."""
     src = tmp_path / "in"
     src.mkdir()
     big = photo("astronaut")
-    for i in range(40):
+    for i in range(12):
         Image.fromarray(np.roll(big, i * 5, axis=0)).save(src / f"{i:02d}.png", compress_level=1)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "-m", "gpu_kquant", str(src), "-k", "16", "-o", str(out), "--quiet"]
+    args = [sys.executable, "-m", "gpu_kquant", str(src), "-k", "256", "-o", str(out), "--quiet", "--batch-size", "1"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("*.png")):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     start = time.time()
     _, stderr = proc.communicate(timeout=60)
-    assert time.time() - start < 5
+    assert time.time() - start < 2
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "ok" in stderr
     for path in out.glob("*.png"):

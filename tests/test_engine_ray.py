@@ -455,3 +455,46 @@ def test_a_stalled_job_ends_with_failed_rows_instead_of_hanging(
         if thread.name == "gpu_kquant-ray-rows":
             thread.join(240)
             assert not thread.is_alive()
+
+
+def test_an_actor_splits_its_batch_to_fit_the_memory_budget(tmp_path: Path) -> None:
+    """Per actor, decoded bytes stay within --memory-budget: a batch is processed in parts (issue 12, item 16)."""
+    import torch
+
+    from gpu_kquant.engine_local import shared_histogram
+    from gpu_kquant.imagefiles import estimated_decoded_bytes
+    from gpu_kquant.runsetup import setup_run
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):
+        Image.new("RGB", (1000, 800), (40 * i, 90, 0)).save(src / f"{i}.png")
+    each = estimated_decoded_bytes(src / "0.png")
+    engine = EngineOptions(memory_budget=int(2.5 * each))
+    config = RunOptions((src,), FitOptions(k=4), OutputOptions(out=tmp_path / "out"), engine)
+    job = plan_job(config)
+    setup = setup_run(job, config, torch.device("cpu"), shared_histogram)
+    calls: list[int] = []
+
+    class CountingWorker(Worker):
+        def process(self, tasks: list[Any], on_row: Any = None) -> list[Row]:
+            calls.append(len(tasks))
+            return super().process(tasks, on_row)
+
+    class CountingActor(WorkerActor):
+        worker_class = CountingWorker
+
+    threads = torch.get_num_threads()
+    try:
+        actor = CountingActor(setup, "cpu", threads=2, sub_batch=2)
+    finally:
+        torch.set_num_threads(threads)
+    batch = {
+        "i": np.arange(len(job.tasks)),
+        "src": np.asarray([str(t.src) for t in job.tasks], dtype=object),
+        "dst": np.asarray([str(t.dst) for t in job.tasks], dtype=object),
+        "key": np.asarray([t.key for t in job.tasks], dtype=object),
+    }
+    result = actor(batch)
+    assert calls == [2, 2, 1]
+    assert [gray.row_from_json(r).status for r in result["row"]] == ["ok"] * 5

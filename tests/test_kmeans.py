@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import pickle
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from hypothesis import strategies as st
 
 from gpu_kquant import kmeans
 from gpu_kquant.kmeans import assign, assign_with_bounds, nearest_two
+from gpu_kquant.stopping import StopFlag, Stopped
 
 
 def blobs(n: int = 600, d: int = 3, centers: int = 5, seed: int = 0) -> torch.Tensor:
@@ -251,3 +255,84 @@ def test_cuda_matches_cpu_labels() -> None:
     # results agree up to float rounding of near-ties.
     check_labels_are_argmin(x, gpu.centroids[0].cpu(), gpu.labels[0].cpu())
     assert torch.allclose(cpu.centroids, gpu.centroids.cpu(), atol=1e-3)
+
+
+# -- a cooperative stop (issue 12, item 17) ---------------------------------------------------------------------------
+
+
+def fit_in_thread(stop: StopFlag, stats: bool) -> tuple[threading.Thread, list[object]]:
+    """A k = 256 fit on 4 x 65,536 colours that runs for seconds (tol 0: until no label changes)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((4, 65536, 3), generator=gen) * 255
+    outcome: list[object] = []
+
+    def fit() -> None:
+        try:
+            outcome.append(kmeans(x, 256, init=x[:, :256], tol=0, max_iter=100_000, stats=stats, stop=stop))
+        except Stopped as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.parametrize("stats", [False, True], ids=["whole-loop kernel", "python loop"])
+def test_a_stop_flag_ends_a_long_fit_within_two_seconds(stats: bool) -> None:
+    stop = StopFlag()
+    thread, outcome = fit_in_thread(stop, stats)
+    time.sleep(0.5)
+    assert thread.is_alive(), "the fit should still be running"
+    stop.set()
+    start = time.perf_counter()
+    thread.join(10)
+    assert time.perf_counter() - start < 2.0
+    assert len(outcome) == 1 and isinstance(outcome[0], Stopped), outcome
+
+
+def test_a_set_flag_stops_before_seeding_and_through_the_fit_options() -> None:
+    from gpu_kquant.options import FitOptions
+    from gpu_kquant.quantize import quantize_batch
+
+    stop = StopFlag()
+    stop.set()
+    with pytest.raises(Stopped):
+        kmeans(blobs(), 4, stop=stop)
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    with pytest.raises(Stopped):
+        quantize_batch([image], options=FitOptions(k=16, stop=stop), device="cpu")
+    assert FitOptions(k=16, stop=stop) == FitOptions(k=16)  # the flag is not part of what the options mean
+    copy = pickle.loads(pickle.dumps(FitOptions(k=16, stop=stop)))
+    assert isinstance(copy.stop, StopFlag) and not copy.stop.is_set()  # a flag belongs to one process
+
+
+def test_an_unset_flag_changes_nothing() -> None:
+    x = blobs(2000)
+    plain = kmeans(x, 8, n_init=2, seed=3, device="cpu")
+    flagged = kmeans(x, 8, n_init=2, seed=3, device="cpu", stop=StopFlag())
+    assert torch.equal(plain.centroids, flagged.centroids) and torch.equal(plain.labels, flagged.labels)
+
+
+def test_a_stop_flag_ends_a_long_seeding_within_two_seconds() -> None:
+    """k-means++ on 4 x 65,536 points at k = 512 is one kernel call of several seconds; it polls the flag."""
+    km = importlib.import_module("gpu_kquant.kmeans")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand((4, 65536, 3), generator=gen) * 255
+    u = km._uniforms(0, [0, 1, 2, 3], (512, km.kpp_candidates(512)), torch.device("cpu"))
+    stop, outcome = StopFlag(), []
+
+    def seed() -> None:
+        try:
+            outcome.append(km.kmeans_plusplus(x, torch.ones(4, 65536), 512, u, stop))
+        except Stopped as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=seed, daemon=True)
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive(), "the seeding should still be running"
+    stop.set()
+    start = time.perf_counter()
+    thread.join(60)
+    assert time.perf_counter() - start < 2.0
+    assert len(outcome) == 1 and isinstance(outcome[0], Stopped), outcome

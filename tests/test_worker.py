@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from gpu_kquant.fitting import quantize_images
 from gpu_kquant.options import FitOptions, OutputOptions
 from gpu_kquant.planning import Task
 from gpu_kquant.runsetup import RunSetup
+from gpu_kquant.stopping import StopFlag
 from gpu_kquant.worker import Worker
 
 
@@ -81,3 +83,33 @@ def test_fit_options_reach_quantize_batch_whole(dither: str) -> None:
     kwargs = {"seed": 3, "n_init": 2, "max_iter": 50, "tol": 1e-3, "max_fit_points": 4096}
     want = quantize_batch([img], 7, space="oklab", dither=dither, device="cpu", **kwargs)[0]
     assert np.array_equal(got.palette, want.palette) and np.array_equal(got.indices, want.indices)
+
+
+def test_a_stop_ends_a_running_k256_fit_within_two_seconds(tmp_path: Path) -> None:
+    """The worker's stop flag reaches k-means: no waiting for the batch, no failed row (issue 12, item 17)."""
+    rng = np.random.default_rng(0)
+    tasks = []
+    for i in range(2):  # many colours: the fine fit at k = 256 runs for many seconds with tol 0
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (384, 384, 3), dtype=np.uint8)).save(path, compress_level=1)
+        tasks.append(Task(path, tmp_path / "out" / path.name, path.name))
+    stop = StopFlag()
+    slow = RunSetup(FitOptions(k=256, tol=0.0, max_iter=100_000), OutputOptions())
+    worker = Worker(slow, "cpu", io_threads=2, quantizers=1, group_size=2, stop=stop)
+    rows: list[object] = []
+    thread = threading.Thread(target=lambda: rows.extend(worker.process(tasks)), daemon=True)
+    try:
+        thread.start()
+        deadline = time.perf_counter() + 60
+        while "decode" not in worker.clock.seconds and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # well inside the fit
+        assert thread.is_alive(), "the fit should still be running"
+        stop.set()
+        start = time.perf_counter()
+        thread.join(30)
+        assert time.perf_counter() - start < 2.0
+    finally:
+        stop.set()
+        worker.close()
+    assert rows == [] and not (tmp_path / "out").exists()

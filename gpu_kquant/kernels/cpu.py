@@ -6,6 +6,7 @@ GIL is released while a kernel runs, so one quantizer thread per core scales.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 try:  # built at install time; the torch reference stands in without it
@@ -79,11 +80,14 @@ def min_update(points: torch.Tensor, centre: torch.Tensor, closest: torch.Tensor
     return out
 
 
-def kmeans_pp(points: torch.Tensor, weights: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans_pp(
+    points: torch.Tensor, weights: torch.Tensor, uniforms: torch.Tensor, stop: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole weighted greedy k-means++ per problem; see :func:`gpu_kquant.kmeans.kmeans_plusplus`.
 
     Args:
         points: (B, N, D) float32; weights: (B, N) float32; uniforms: (B, k, L) float64.
+        stop: as in :func:`lloyd`, polled before every centre.
 
     Returns:
         centres (B, k, D) float32 and the effective k (B,) int64.
@@ -94,7 +98,7 @@ def kmeans_pp(points: torch.Tensor, weights: torch.Tensor, uniforms: torch.Tenso
     n_eff = torch.empty(b, dtype=torch.long)
     _kernels.kmeans_pp(
         _np(_f32(points)), _np(_f32(weights)), _np(uniforms.double().contiguous()), _np(centres), _np(n_eff),
-        b, n, k, n_cand, d,
+        b, n, k, n_cand, d, stop,
     )  # fmt: skip
     return centres, n_eff
 
@@ -109,6 +113,7 @@ def lloyd(
     n_eff: torch.Tensor,
     tol_abs: torch.Tensor,
     max_iter: int,
+    stop: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The whole Lloyd loop per problem, as :func:`gpu_kquant.kmeans._lloyd` runs it step by step.
 
@@ -116,6 +121,8 @@ def lloyd(
         points: (B, N, D) float32; weights: (B, N) float32; qx (B, N, D) and qw (B, N) int64
         fixed-point data with their float64 scales (B,) each; centroids (B, k, D) float32
         starting centroids; n_eff (B,) int64 effective k; tol_abs (B,) float64.
+        stop: a (1,) uint8 array (:attr:`gpu_kquant.stopping.StopFlag.buffer`), polled between
+            iterations: once it holds 1 the call returns early and its results are meaningless.
 
     Returns:
         centroids (B, k, D), labels (B, N) int64, squared distances (B, N) float32,
@@ -132,6 +139,6 @@ def lloyd(
         _np(_f32(points)), _np(_f32(weights)), _np(qx.contiguous()), _np(qw.contiguous()), _np(cen),
         _np(n_eff.long().contiguous()), _np(tol_abs.double().contiguous()), _np(scales[0].double().contiguous()),
         _np(scales[1].double().contiguous()), _np(labels), _np(d2), _np(n_iter), _np(converged),
-        b, n, k, d, max_iter,
+        b, n, k, d, max_iter, stop,
     )  # fmt: skip
     return cen, labels, d2, n_iter, converged
