@@ -235,7 +235,9 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
         help="PSNR dB: use the smallest k up to -k reaching MAX; below MIN do not write the image",
     )
     parser.add_argument("--skip-if-larger", action="store_true", help="never write an output larger than its input")
-    parser.add_argument("--ciede2000", action="store_true", help="add the mean CIEDE2000 to the report (costs time)")
+    parser.add_argument(
+        "--ciede2000", action="store_true", help="add the mean CIEDE2000 to the report (always on with --space lab)"
+    )
     parser.add_argument(
         "--preview",
         action="store_true",
@@ -345,7 +347,7 @@ def run_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Ru
         quality=args.quality,
         overwrite=args.overwrite,
         skip_if_larger=args.skip_if_larger,
-        ciede2000=args.ciede2000,
+        ciede2000=args.ciede2000 or args.space == "lab",  # sampled: cheap (metrics.CIEDE_PIXELS)
         preview=args.preview,
         resize=args.resize,
     )

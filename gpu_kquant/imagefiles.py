@@ -10,14 +10,14 @@ import contextlib
 import io
 import os
 import secrets
-import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from .pngfile import default_compress_level, encode_png
 
 __all__ = [
     "ENCODERS",
@@ -27,6 +27,7 @@ __all__ = [
     "Decoded",
     "default_compress_level",
     "encode",
+    "encode_png",
     "estimated_decoded_bytes",
     "load_image",
     "write_atomic",
@@ -284,79 +285,6 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Dec
     if transparent and bool((pixels[..., 3] == 255).all()):
         pixels = pixels[..., :3]
     return Decoded(np.ascontiguousarray(pixels), notes)
-
-
-def default_compress_level(n_colors: int) -> int:
-    """zlib level for an indexed PNG of ``n_colors`` entries: 9 up to 8 colours, else 6.
-
-    Level 9 (pngquant's) is 0.6-3.2% smaller than 6 on the bundled photos at k = 16..64,
-    but on a 2560x1600 photo at k = 16 it took 1.04 s against 0.27 s, and with it a
-    folder of such photos became encode-bound (decode + encode alone: 0.89 images/s on
-    2 cores, below pngquant's 0.53 x 2). Level 9 is kept where it is cheap and gains
-    most (up to 8 colours: up to 4%); ``--compress-level 9`` asks for the smallest files.
-    """
-    return 9 if n_colors <= 8 else 6
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def _pack_rows(indices: np.ndarray, bits: int) -> np.ndarray:
-    """(H, W) uint8 indices -> (H, ceil(W*bits/8)) bytes, most significant bits first."""
-    if bits == 8:
-        return indices
-    per_byte = 8 // bits
-    h, w = indices.shape
-    padded = np.zeros((h, -(-w // per_byte) * per_byte), np.uint8)
-    padded[:, :w] = indices
-    groups = padded.reshape(h, -1, per_byte)
-    shifts = np.arange(per_byte - 1, -1, -1, dtype=np.uint8) * bits
-    return np.bitwise_or.reduce(groups << shifts, axis=2).astype(np.uint8)
-
-
-def _idat(indices: np.ndarray, bits: int, level: int) -> bytes:
-    """zlib stream of the rows packed at ``bits`` per pixel, each with filter type None."""
-    rows = _pack_rows(indices, bits)
-    raw = np.empty((rows.shape[0], rows.shape[1] + 1), np.uint8)
-    raw[:, 0] = 0  # filter type None on every row
-    raw[:, 1:] = rows
-    return zlib.compress(raw.tobytes(), level)
-
-
-def encode_png(palette: np.ndarray, indices: np.ndarray, compress_level: int | None = None) -> bytes:
-    """Indexed PNG with filter type None and the bit depth (1, 2, 4 or 8) that compresses smallest.
-
-    Written by hand because Pillow always applies adaptive row filters, which make
-    palette images 12-23% larger (the PNG spec recommends None for indexed colour);
-    Sub, Up and Paeth on a luminance-sorted palette were also 5-15% larger than None
-    on the bundled photos at k=16 and 64, and zlib's Z_FILTERED and Z_RLE strategies
-    1-30% larger than the default. With filter None, deflate sees a permutation of the
-    same symbols whatever the palette order, so the order does not matter (measured
-    within 0.1%). At level 9, palettes of 5-16 colours are also tried at 8 bits per pixel, which
-    lets deflate match runs at odd pixel offsets: 1-3% smaller on two of the five
-    bundled photos at k=16. The tRNS chunk stops at the last entry with transparency.
-    """
-    n = palette.shape[0]
-    bits = 1 if n <= 2 else 2 if n <= 4 else 4 if n <= 16 else 8
-    h, w = indices.shape
-    level = default_compress_level(n) if compress_level is None else compress_level
-    idx = np.ascontiguousarray(indices, dtype=np.uint8)
-    data = _idat(idx, bits, level)
-    if bits == 4 and level >= 9:  # the smallest-file setting also tries 8 bits per pixel
-        wide = _idat(idx, 8, level)
-        if len(wide) < len(data):
-            bits, data = 8, wide
-    out = [b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bits, 3, 0, 0, 0))]
-    out.append(_png_chunk(b"PLTE", np.ascontiguousarray(palette[:, :3], np.uint8).tobytes()))
-    if palette.shape[1] == 4:
-        alpha = palette[:, 3]
-        last = np.flatnonzero(alpha < 255)
-        if last.size:
-            out.append(_png_chunk(b"tRNS", alpha[: last[-1] + 1].astype(np.uint8).tobytes()))
-    out.append(_png_chunk(b"IDAT", data))
-    out.append(_png_chunk(b"IEND", b""))
-    return b"".join(out)
 
 
 def _palette_image(palette: np.ndarray, indices: np.ndarray) -> Image.Image:

@@ -25,6 +25,7 @@ from .colors import ColorSet, color_set, lookup, pack
 from .device import resolve_device
 from .dither import DITHERS, bayer_offsets, floyd_steinberg, palette_spacing
 from .fitplan import as_rgba, fit_palettes
+from .metrics import sampled_ssim
 from .nearest import assign, assign_with_bounds, nearest_two
 from .options import FitOptions
 from .spaces import SPACES, ColorSpace
@@ -46,12 +47,15 @@ class Quantized:
             (premultiplied by alpha for RGBA, so invisible differences do not count).
         blur_mse: the same after a 3x3 binomial blur of both images; set for dithered
             results, whose per-pixel error overstates what the eye sees.
+        ssim: structural similarity to the input, sampled on a grid of windows
+            (:func:`gpu_kquant.metrics.sampled_ssim`, computed on the quantize device).
     """
 
     palette: np.ndarray
     indices: np.ndarray
     mse: float
     blur_mse: float | None = None
+    ssim: float | None = None
 
     @property
     def n_colors(self) -> int:
@@ -258,10 +262,11 @@ def _finish(
         indices = lookup(cs, remap[labels].to(index_dtype), keys)
     else:
         indices = remap[pixel_labels].to(index_dtype)
+    similarity = sampled_ssim(pixels, palette, indices)
     indices = indices.cpu().numpy()
     if index_dtype != torch.uint8:
         indices = indices.astype(np.uint16)
-    return Quantized(palette.cpu().numpy(), indices, mse, blur_mse)
+    return Quantized(palette.cpu().numpy(), indices, mse, blur_mse, similarity)
 
 
 def _used_in_order(pal_alpha: torch.Tensor, usage: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,7 @@ class Row:
     dither: str | None = None
     psnr_blur: float | None = None
     ciede2000: float | None = None
+    ssim: float | None = None
     notes: list[str] = field(default_factory=list)
     # blake2b-128 (hex) of an ``ok`` row's output bytes, as the manifest records it (gpu_kquant.manifest).
     output_hash: str | None = None
@@ -96,6 +97,8 @@ class Summary:
     psnr_n: int = 0
     ciede_sum: float = 0.0
     ciede_n: int = 0
+    ssim_sum: float = 0.0
+    ssim_n: int = 0
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     interrupted: bool = False
@@ -119,6 +122,9 @@ class Summary:
             if row.ciede2000 is not None:
                 self.ciede_sum += row.ciede2000
                 self.ciede_n += 1
+            if row.ssim is not None:
+                self.ssim_sum += row.ssim
+                self.ssim_n += 1
 
     @property
     def failed(self) -> int:
@@ -136,6 +142,8 @@ class Summary:
             out.append(f"  bytes: {_size(self.bytes_in)} in, {_size(self.bytes_out)} out ({saving:.1f}% saved)")
         if self.psnr_n:
             out.append(f"  mean PSNR: {self.psnr_sum / self.psnr_n:.2f} dB")
+        if self.ssim_n:
+            out.append(f"  mean SSIM: {self.ssim_sum / self.ssim_n:.4f}")
         if self.ciede_n:
             out.append(f"  mean CIEDE2000: {self.ciede_sum / self.ciede_n:.3f}")
         ok = self.counts.get("ok", 0)

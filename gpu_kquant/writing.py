@@ -56,6 +56,7 @@ def _row(item: Item, result: Quantized, status: str, setup: RunSetup, **fields: 
         colors=result.n_colors,
         input_bytes=item.input_bytes,
         psnr=round(result.psnr, 3),
+        ssim=None if result.ssim is None else round(result.ssim, 4),
         space=setup.space,
         dither=setup.output.dither,
         **fields,

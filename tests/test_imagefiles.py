@@ -310,7 +310,7 @@ def _old_encode_png_bytes(palette: np.ndarray, indices: np.ndarray) -> int:
     """Size of main's encoder output (commit 2597b82): minimal bit depth, filter None, zlib 9 up to 8 colours else 6."""
     import zlib
 
-    from gpu_kquant.imagefiles import _pack_rows
+    from gpu_kquant.pngfile import _pack_rows
 
     n = palette.shape[0]
     bits = 1 if n <= 2 else 2 if n <= 4 else 4 if n <= 16 else 8
@@ -358,7 +358,7 @@ def test_png_picks_the_smaller_of_4_and_8_bits() -> None:
     data = encode_png(palette, indices, compress_level=9)
     sizes = {}
     for bits in (4, 8):
-        from gpu_kquant.imagefiles import _idat
+        from gpu_kquant.pngfile import _idat
 
         sizes[bits] = len(_idat(indices, bits, 9))
     idat = data.index(b"IDAT")
@@ -368,3 +368,60 @@ def test_png_picks_the_smaller_of_4_and_8_bits() -> None:
         data[idat + 4 + min(sizes.values()) : idat + 8 + min(sizes.values())], "big"
     )
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), palette[indices])
+
+
+# Whole-file PNG bytes of `quantize(photo, k)` (CPU, default options) with the encoder before
+# libdeflate (zlib level 6, filter None): the `current` column of
+# benchmarks/results/png_bytes_amd-epyc_2c_nogpu_2026-12-02.csv. They also depend on the
+# fitted palette: a change in k-means may move them.
+BYTES_ZLIB6 = {
+    ("astronaut", 16): 40048,
+    ("chelsea", 16): 31433,
+    ("coffee", 16): 46730,
+    ("china", 16): 55229,
+    ("china", 64): 95949,
+    ("china", 256): 140936,
+    ("flower", 16): 29348,
+    ("flower", 64): 56600,
+    ("flower", 256): 102410,
+}
+
+
+def _bundled(name: str) -> np.ndarray:
+    path = Path(__file__).resolve().parents[1] / "gpu_kquant" / "samples" / f"{name}.png"
+    return np.asarray(Image.open(path).convert("RGB")) if path.exists() else photo(name)
+
+
+@pytest.mark.parametrize(("name", "k"), sorted(BYTES_ZLIB6))
+def test_bundled_photo_pngs_are_not_larger_than_before_nor_than_pngquant(name: str, k: int, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    from gpu_kquant import pngfile, quantize
+
+    img = _bundled(name)
+    q = quantize(img, k, device="cpu")
+    data = encode_png(q.palette, q.indices)
+    assert len(data) <= BYTES_ZLIB6[(name, k)]
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), q.to_rgb())
+    if shutil.which("pngquant") is None:
+        pytest.skip("pngquant is not installed")
+    if pngfile._libdeflate is None:
+        pytest.skip("libdeflate (pip install deflate) is not installed: with zlib 6, flower at k=16 is 1.016x pngquant")
+    Image.fromarray(img).save(tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    subprocess.run(
+        ["pngquant", "--nofs", "--force", "--output", str(out), str(k), str(tmp_path / "in.png")], check=True
+    )
+    assert len(data) <= out.stat().st_size
+
+
+def test_zlib_and_libdeflate_streams_decode_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpu_kquant import pngfile, quantize
+
+    q = quantize(photo("coffee")[:80, :120], 16)
+    with_libdeflate = encode_png(q.palette, q.indices)
+    monkeypatch.setattr(pngfile, "_libdeflate", None)
+    with_zlib = encode_png(q.palette, q.indices)
+    for png in (with_libdeflate, with_zlib):
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), q.to_rgb())

@@ -7,11 +7,12 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from common_utils import photo
 from PIL import Image
 
 from gpu_kquant import quantize
-from gpu_kquant.metrics import blurred_psnr, mean_ciede2000, premultiplied, psnr, ssim
+from gpu_kquant.metrics import blurred_psnr, mean_ciede2000, premultiplied, psnr, sampled_ssim, ssim, ssim_grid
 
 
 def reference(original: np.ndarray, palette: np.ndarray, indices: np.ndarray) -> float:
@@ -33,6 +34,14 @@ def test_matches_scikit_image_on_a_photo() -> None:
     img = np.ascontiguousarray(photo("coffee")[:96, :128])
     q = quantize(img, 8)
     assert mean_ciede2000(img, q.palette, q.indices) == pytest.approx(reference(img, q.palette, q.indices), rel=1e-4)
+
+
+def test_sampled_mean_is_close_to_scikit_image_on_a_whole_photo() -> None:
+    img = np.ascontiguousarray(photo("china"))  # 427x640: 65536 pixels at most reads every 3rd row and column
+    q = quantize(img, 16, space="lab")
+    exact = reference(img, q.palette, q.indices)
+    assert mean_ciede2000(img, q.palette, q.indices, max_pixels=None) == pytest.approx(exact, rel=1e-4)
+    assert mean_ciede2000(img, q.palette, q.indices) == pytest.approx(exact, rel=0.01)
 
 
 def test_transparent_pixels_do_not_count() -> None:
@@ -92,3 +101,62 @@ def test_premultiplied_hides_colour_of_transparent_pixels() -> None:
     np.testing.assert_allclose(
         premultiplied(np.array([[255, 128, 0, 128]], np.uint8)), [[128, 128 * 128 / 255, 0, 128]]
     )
+
+
+SKIMAGE_SSIM = {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False, "data_range": 255}
+
+
+def skimage_ssim_map(a: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray]:
+    """scikit-image's mean SSIM and its full (H, W) map, averaged over channels."""
+    from skimage.metrics import structural_similarity
+
+    mean, full = structural_similarity(a, b, channel_axis=2, full=True, **SKIMAGE_SSIM)
+    return float(mean), full.mean(2)
+
+
+def sampled(img: np.ndarray, palette: np.ndarray, indices: np.ndarray, max_windows: int = 4096) -> float:
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(a))
+
+    return sampled_ssim(t(img), t(palette), t(indices.astype(np.int64)), max_windows=max_windows)
+
+
+@pytest.mark.parametrize(("name", "dither"), [("chelsea", "fs"), ("astronaut", "none")])
+def test_sampled_ssim_is_scikit_image_at_the_grid_centres(name: str, dither: str) -> None:
+    img = np.ascontiguousarray(photo(name)[:150, :230])
+    q = quantize(img, 16, dither=dither)
+    _, full = skimage_ssim_map(img, q.to_array())
+    for max_windows in (40, 4096):
+        step = ssim_grid(*img.shape[:2], max_windows)
+        at_centres = full[5 : img.shape[0] - 5 : step, 5 : img.shape[1] - 5 : step]
+        assert at_centres.size <= max_windows
+        assert sampled(img, q.palette, q.indices, max_windows) == pytest.approx(at_centres.mean(), abs=1e-9)
+
+
+@pytest.mark.parametrize("dither", ["none", "adaptive"])
+def test_sampled_ssim_estimates_scikit_image_on_a_whole_photo(dither: str) -> None:
+    img = np.ascontiguousarray(photo("coffee"))  # 400x600: at most 512 windows samples 1 pixel in 4
+    q = quantize(img, 16, dither=dither)
+    mean, _ = skimage_ssim_map(img, q.to_array())
+    assert ssim_grid(*img.shape[:2], 512) >= 22
+    assert sampled(img, q.palette, q.indices, 512) == pytest.approx(mean, abs=0.01)
+    assert q.ssim == pytest.approx(sampled(img, q.palette, q.indices), abs=1e-12)  # what the report rows carry
+
+
+def test_sampled_ssim_compares_rgba_premultiplied() -> None:
+    from skimage.metrics import structural_similarity
+
+    img = np.dstack([photo("chelsea")[:90, :120], np.full((90, 120), 255, np.uint8)])
+    img[:, :40, 3] = 0
+    img[:, 40:60, 3] = 128
+    q = quantize(img, 12)
+    a, b = premultiplied(img), premultiplied(q.to_array())
+    full = structural_similarity(a, b, channel_axis=2, full=True, **SKIMAGE_SSIM)[1].mean(2)
+    assert sampled(img, q.palette, q.indices) == pytest.approx(full[5:-5:11, 5:-5:11].mean(), abs=1e-9)
+
+
+def test_sampled_ssim_of_tiny_and_equal_images() -> None:
+    img = np.ascontiguousarray(photo("coffee")[:6, :9])
+    palette, inverse = np.unique(img.reshape(-1, 3), axis=0, return_inverse=True)
+    assert sampled(img, palette, inverse.reshape(6, 9)) == pytest.approx(1.0)
+    assert sampled(img, palette[:1], np.zeros((6, 9), np.int64)) < 0.99

@@ -175,8 +175,8 @@ def test_row_json_has_no_infinity_and_no_preview() -> None:
 def test_writer_appends_one_line_per_row_and_sums(tmp_path: Path) -> None:
     summary = Summary()
     writer = ReportWriter(tmp_path / "sub" / "report.jsonl", summary)
-    writer.write(Row("a", "x", "ok", width=4, height=5, input_bytes=100, output_bytes=25, psnr=30.0))
-    writer.write(Row("b", "y", "ok", width=2, height=2, input_bytes=100, output_bytes=75, psnr=40.0))
+    writer.write(Row("a", "x", "ok", width=4, height=5, input_bytes=100, output_bytes=25, psnr=30.0, ssim=0.8))
+    writer.write(Row("b", "y", "ok", width=2, height=2, input_bytes=100, output_bytes=75, psnr=40.0, ssim=0.9))
     writer.write(Row("c", "z", "failed", reason="bad"))
     writer.write(Row("d", "w", "quality", reason="too low"))
     writer.close()
@@ -187,7 +187,8 @@ def test_writer_appends_one_line_per_row_and_sums(tmp_path: Path) -> None:
     assert (summary.pixels, summary.bytes_in, summary.bytes_out) == (24, 200, 100)
     text = "\n".join(summary.lines())
     assert "2 ok, 0 skipped, 1 failed, 1 quality" in text
-    assert "50.0% saved" in text and "mean PSNR: 35.00 dB" in text
+    assert "50.0% saved" in text and "mean PSNR: 35.00 dB" in text and "mean SSIM: 0.8500" in text
+    assert json.loads(lines[0])["ssim"] == 0.8
 
 
 def test_summary_says_how_to_resume_when_interrupted() -> None:

@@ -73,3 +73,21 @@ def test_dithered_outputs_report_their_own_metrics(tmp_path: Path, dither: str) 
     assert row["psnr_blur"] > row["psnr"] and 0 < row["ciede2000"] < 20
     assert len(Image.open(out / "chelsea.png").getpalette()) // 3 <= 8
     assert "mean CIEDE2000" in result.stderr
+
+
+def test_rows_carry_ssim_and_lab_runs_ciede2000(tmp_path: Path) -> None:
+    from skimage.color import deltaE_ciede2000, rgb2lab
+    from skimage.metrics import structural_similarity
+
+    src = small_folder(tmp_path, ("coffee",))
+    out = tmp_path / "out"
+    result = cli(src, "-k", 8, "-o", out, "--space", "lab", "--quiet")  # no --ciede2000: lab runs report it
+    assert result.returncode == 0, result.stderr
+    row = read_report(out / "gpu_kquant_report.jsonl")["coffee.png"]
+    img = np.asarray(Image.open(src / "coffee.png").convert("RGB"))
+    got = np.asarray(Image.open(out / "coffee.png").convert("RGB"))
+    kwargs = {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False, "data_range": 255}
+    assert row["ssim"] == pytest.approx(structural_similarity(img, got, channel_axis=2, **kwargs), abs=0.01)
+    expected = deltaE_ciede2000(rgb2lab(img / 255.0), rgb2lab(got / 255.0)).mean()
+    assert row["ciede2000"] == pytest.approx(expected, rel=0.01)
+    assert f"mean SSIM: {row['ssim']:.4f}" in result.stderr and "mean CIEDE2000" in result.stderr
