@@ -2,7 +2,9 @@
 
 A colour set is an image's distinct colours with their pixel counts: k-means on it,
 weighted by the counts, is exactly k-means on all pixels, at a fraction of the cost.
-Pixels are handled as packed int32 keys, one per pixel.
+Pixels are handled as packed int32 keys, one per pixel. :func:`pixel_color_set` and
+:func:`pixel_lookup` take the pixels themselves and run the device's compiled kernels
+when it has them (:func:`gpu_kquant.kernels.image_backend`), the torch code here otherwise.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .reduce import FixedPointSums
+from .kernels import image_backend
+from .reduce import FixedPointSums, fixed_point_scales
 
-__all__ = ["ColorSet", "bin_colors", "color_set", "lookup", "pack", "unpack"]
+__all__ = ["ColorSet", "bin_colors", "color_set", "lookup", "pack", "pixel_color_set", "pixel_lookup", "unpack"]
 
 _N_RGB_KEYS = 1 << 24
 
@@ -69,6 +72,13 @@ class ColorSet:
     def __len__(self) -> int:
         return int(self.keys.shape[0])
 
+    @classmethod
+    def with_colors(cls, keys: torch.Tensor, counts: torch.Tensor, colors: torch.Tensor) -> ColorSet:
+        """A colour set whose unpacked colours (M, C) uint8 are already known."""
+        cs = cls(keys, counts, colors.shape[1])
+        cs.__dict__["colors"] = colors  # what the cached property would compute
+        return cs
+
 
 class _Workspace(threading.local):
     """Per-thread dense tables over all 2**24 RGB colours.
@@ -114,6 +124,32 @@ def color_set(keys: torch.Tensor, channels: int = 3) -> ColorSet:
     return ColorSet(present.to(torch.int32), counts, channels)
 
 
+# Below this many RGB pixels the C kernel sorts the keys; from it, it counts them in the
+# dense table and sorts only the distinct ones. Measured on photos (1 thread): the table's
+# cache and TLB misses cost more than a 3-pass radix sort below about 2**18 pixels.
+_C_DENSE_MIN_PIXELS = 1 << 18
+
+
+def pixel_color_set(pixels: torch.Tensor) -> ColorSet:
+    """Exact histogram of uint8 pixels (..., C), C = 3 or 4: ``color_set(pack(pixels), C)``."""
+    kernels = image_backend(pixels.device)
+    channels = pixels.shape[-1]
+    if kernels is None:
+        return color_set(pack(pixels), channels)
+    dense = channels == 3 and pixels.numel() // 3 >= _C_DENSE_MIN_PIXELS
+    table = _WORKSPACE.table("counts", pixels.device, torch.int32) if dense else None
+    return ColorSet.with_colors(*kernels.color_set(pixels, table))
+
+
+def pixel_lookup(cs: ColorSet, values: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """Per-pixel value (shaped ``pixels.shape[:-1]``) of each pixel's colour: ``lookup(cs, values, pack(pixels))``."""
+    kernels = image_backend(pixels.device)
+    if kernels is None:
+        return lookup(cs, values, pack(pixels))
+    table = _WORKSPACE.table("lookup", pixels.device, values.dtype) if cs.channels == 3 else None
+    return kernels.lookup(pixels, cs.keys, values, table)
+
+
 def lookup(cs: ColorSet, values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Per-pixel value of each pixel's colour.
 
@@ -153,6 +189,10 @@ def bin_colors(
     """
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
+    kernels = image_backend(colors.device)
+    if kernels is not None:
+        scale_x, scale_w = fixed_point_scales(points[None], counts[None])
+        return kernels.bin_colors(colors, counts, points, bits, (float(scale_x[0]), float(scale_w[0])))
     channels = colors.shape[1]
     coarse = colors.long() >> (8 - bits)
     bin_key = sum(coarse[:, i] << (bits * i) for i in range(channels))
