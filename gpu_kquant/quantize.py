@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .colors import ColorSet, pixel_color_set, pixel_lookup
+from .colors import ColorSet, color_sets, pixel_color_set, pixel_lookup
 from .device import resolve_device
 from .dither import DITHERS, bayer_offsets, floyd_steinberg, palette_spacing
 from .fitplan import as_rgba, fit_palettes
@@ -392,7 +392,7 @@ def quantize_batch(
     dev = resolve_device(device)
     sp = ColorSpace(fit.space)
     tensors = [to_tensor(img).to(dev, non_blocking=True) for img in images]
-    sets = [pixel_color_set(t) for t in tensors]
+    sets = color_sets(tensors)
     fitted = fit_palettes(sets, fit, dev)
     return [
         _finish(t, cs, sp, pal, b if dither == "none" else None, fixed=False, dither=dither)

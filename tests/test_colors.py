@@ -160,3 +160,17 @@ def test_image_kernels_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("GPU_KQUANT_KERNELS", "auto")
     assert (image_backend(torch.device("cpu")) is not None) == _C_IMAGES.AVAILABLE
     assert image_backend(torch.device("meta")) is None
+
+
+def test_batched_colour_sets_equal_one_by_one() -> None:
+    """One sort keyed by (image, colour) gives every image's own colour set (CPU tensors; CUDA uses it)."""
+    colors = importlib.import_module("gpu_kquant.colors")
+    rgb = [photo("chelsea")[:150], photo("coffee")[::3, ::3], np.zeros((1, 1, 3), np.uint8), photo("chelsea")[:20]]
+    rgba = [_with_alpha(photo("astronaut")[::4, ::4], 5), np.full((3, 5, 4), 7, np.uint8)]
+    images = [torch.from_numpy(np.array(img)) for img in (rgb[0], rgba[0], rgb[1], rgb[2], rgba[1], rgb[3])]
+    got = colors.batched_color_sets(images)
+    assert len(got) == len(images)
+    for img, cs in zip(images, got):
+        ref = color_set(pack(img), img.shape[2])
+        assert cs.channels == ref.channels
+        assert torch.equal(cs.keys, ref.keys) and torch.equal(cs.counts, ref.counts)
