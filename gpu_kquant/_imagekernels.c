@@ -93,33 +93,64 @@ static inline uint32_t pixel_key(const uint8_t *p, int c) {
 
 /* ------------------------------------------------------------------ colour set */
 
-/* Distinct keys of n pixels, ascending as int32, with counts; returns their number or -1.
- * With `table` (RGB only, 2**24 int32, all zero; zero again on return) pixels are counted
- * in it and only the distinct keys are sorted; otherwise all keys are sorted. */
-static int64_t color_set(const uint8_t *px, size_t n, int c, int32_t *table, uint32_t *keys, int64_t *counts,
-                         uint8_t *colors) {
+/* RGB pixels counted bucket by bucket: pixels are first scattered by their blue byte (the
+ * key's top byte) into 256 buckets of 16-bit red-green keys, then each bucket is counted
+ * in a 256 KB table that stays in L2 and its distinct keys are radix sorted. Measured on
+ * a 4-MP photo mosaic (649k colours, 1 thread): 80 ms for counting in one 64 MB table,
+ * whose random accesses miss the cache and TLB on nearly every pixel. */
+static int64_t color_set_rgb_buckets(const uint8_t *px, size_t n, uint32_t *keys, int64_t *counts) {
+    size_t start[257];
+    memset(start, 0, sizeof start);
+    for (size_t i = 0; i < n; i++) start[px[i * 3 + 2] + 1]++;
+    for (int b = 0; b < 256; b++) start[b + 1] += start[b];
+    uint16_t *low = malloc((n ? n : 1) * sizeof *low);
+    uint32_t *count = calloc(1 << 16, sizeof *count);
+    uint32_t *uniq = malloc(((size_t)1 << 17) * sizeof *uniq); /* distinct keys of one bucket + scratch */
+    size_t pos[256];
+    if (!low || !count || !uniq) {
+        free(low);
+        free(count);
+        free(uniq);
+        return -1;
+    }
+    memcpy(pos, start, sizeof pos);
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *p = px + i * 3;
+        low[pos[p[2]]++] = (uint16_t)(p[0] | p[1] << 8);
+    }
     size_t m = 0;
-    uint32_t *tmp;
-    if (table) {
-        for (size_t i = 0; i < n; i++) {
-            uint32_t k = pixel_key(px + i * 3, 3);
-            if (table[k]++ == 0) keys[m++] = k;
+    for (int b = 0; b < 256; b++) {
+        size_t u = 0;
+        for (size_t i = start[b]; i < start[b + 1]; i++)
+            if (count[low[i]]++ == 0) uniq[u++] = low[i];
+        radix_sort(uniq, NULL, uniq + ((size_t)1 << 16), NULL, u, 16);
+        for (size_t j = 0; j < u; j++) {
+            keys[m] = (uint32_t)b << 16 | uniq[j];
+            counts[m++] = count[uniq[j]];
+            count[uniq[j]] = 0;
         }
-        tmp = malloc((m ? m : 1) * sizeof *tmp);
-        if (!tmp) return -1;
-        radix_sort(keys, NULL, tmp, NULL, m, 24);
-        for (size_t i = 0; i < m; i++) {
-            counts[i] = table[keys[i]];
-            table[keys[i]] = 0;
-        }
+    }
+    free(low);
+    free(count);
+    free(uniq);
+    return (int64_t)m;
+}
+
+/* Distinct keys of n pixels, ascending as int32, with counts and colours; returns their
+ * number or -1. Large RGB images are counted bucket by bucket; the others sort all keys. */
+static int64_t color_set(const uint8_t *px, size_t n, int c, int buckets, uint32_t *keys, int64_t *counts,
+                         uint8_t *colors) {
+    int64_t m = 0;
+    if (buckets && c == 3) {
+        m = color_set_rgb_buckets(px, n, keys, counts);
+        if (m < 0) return -1;
     } else {
         uint32_t *all = malloc((n ? n : 1) * 2 * sizeof *all);
         if (!all) return -1;
-        tmp = all + n;
         /* Flipping the sign bit makes unsigned order the signed int32 order. */
         uint32_t flip = c == 4 ? 0x80000000u : 0;
         for (size_t i = 0; i < n; i++) all[i] = pixel_key(px + i * c, c) ^ flip;
-        radix_sort(all, NULL, tmp, NULL, n, c == 4 ? 32 : 24);
+        radix_sort(all, NULL, all + n, NULL, n, c == 4 ? 32 : 24);
         for (size_t i = 0; i < n;) {
             size_t j = i + 1;
             while (j < n && all[j] == all[i]) j++;
@@ -127,41 +158,39 @@ static int64_t color_set(const uint8_t *px, size_t n, int c, int32_t *table, uin
             counts[m++] = (int64_t)(j - i);
             i = j;
         }
-        tmp = all;
+        free(all);
     }
-    free(tmp);
-    for (size_t i = 0; i < m; i++)
+    for (int64_t i = 0; i < m; i++)
         for (int j = 0; j < c; j++) colors[i * c + j] = (uint8_t)(keys[i] >> (8 * j));
-    return (int64_t)m;
+    return m;
 }
 
-/* color_set(pixels, table_or_None, keys_out, counts_out, colors_out, N, C) -> M; outputs hold N items. */
+/* color_set(pixels, keys_out, counts_out, colors_out, N, C, buckets) -> M; outputs hold N items. */
 static PyObject *py_color_set(PyObject *self, PyObject *args) {
-    PyObject *o[5];
+    PyObject *o[4];
     Py_ssize_t n;
-    int c;
-    if (!PyArg_ParseTuple(args, "OOOOOni", &o[0], &o[1], &o[2], &o[3], &o[4], &n, &c)) return NULL;
-    if (n < 0 || n > INT32_MAX || (c != 3 && c != 4) || (c == 4 && o[1] != Py_None)) {
-        PyErr_SetString(PyExc_ValueError, "color_set: bad shape or a table with RGBA");
+    int c, buckets;
+    if (!PyArg_ParseTuple(args, "OOOOnip", &o[0], &o[1], &o[2], &o[3], &n, &c, &buckets)) return NULL;
+    if (n < 0 || n > INT32_MAX || (c != 3 && c != 4)) {
+        PyErr_SetString(PyExc_ValueError, "color_set: bad shape");
         return NULL;
     }
-    Buf v[5];
+    Buf v[4];
     memset(v, 0, sizeof v);
     int64_t m = 0;
-    if (get(o[0], &v[0], n * c, 1, 0, "pixels") || get(o[1], &v[1], N_RGB_KEYS, 4, 1, "table") ||
-        get(o[2], &v[2], n, 4, 1, "keys") || get(o[3], &v[3], n, 8, 1, "counts") ||
-        get(o[4], &v[4], n * c, 1, 1, "colors"))
+    if (get(o[0], &v[0], n * c, 1, 0, "pixels") || get(o[1], &v[1], n, 4, 1, "keys") ||
+        get(o[2], &v[2], n, 8, 1, "counts") || get(o[3], &v[3], n * c, 1, 1, "colors"))
         goto fail;
-    Py_BEGIN_ALLOW_THREADS m = color_set(v[0].view.buf, (size_t)n, c, v[1].held ? v[1].view.buf : NULL,
-                                         v[2].view.buf, v[3].view.buf, v[4].view.buf);
+    Py_BEGIN_ALLOW_THREADS m =
+        color_set(v[0].view.buf, (size_t)n, c, buckets, v[1].view.buf, v[2].view.buf, v[3].view.buf);
     Py_END_ALLOW_THREADS if (m < 0) {
         PyErr_NoMemory();
         goto fail;
     }
-    release(v, 5);
+    release(v, 4);
     return PyLong_FromLongLong(m);
 fail:
-    release(v, 5);
+    release(v, 4);
     return NULL;
 }
 

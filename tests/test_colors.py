@@ -109,8 +109,8 @@ def test_c_colour_set_and_lookup_equal_torch(name: str, img: np.ndarray, monkeyp
     colors = importlib.import_module("gpu_kquant.colors")
     pixels = torch.from_numpy(np.array(img))
     ref = color_set(pack(pixels), pixels.shape[2])
-    for dense_min in (1, 1 << 30):  # the C kernel's dense table and its radix sort
-        monkeypatch.setattr(colors, "_C_DENSE_MIN_PIXELS", dense_min)
+    for bucket_min in (1, 1 << 30):  # the C kernel's buckets and its radix sort
+        monkeypatch.setattr(colors, "_C_BUCKET_MIN_PIXELS", bucket_min)
         cs = colors.pixel_color_set(pixels)
         assert torch.equal(cs.keys, ref.keys) and torch.equal(cs.counts, ref.counts)
         assert torch.equal(cs.colors, unpack(ref.keys, ref.channels))

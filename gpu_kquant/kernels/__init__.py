@@ -75,9 +75,7 @@ class Kernels(Protocol):
 class ImageKernels(Protocol):
     """Per-image kernels of a compiled backend (shapes in :mod:`.cpu_images`)."""
 
-    def color_set(
-        self, pixels: torch.Tensor, table: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def color_set(self, pixels: torch.Tensor, buckets: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
     def lookup(
         self, pixels: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor | None

@@ -27,13 +27,13 @@ def _flat_pixels(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.reshape(-1, pixels.shape[-1]).contiguous()
 
 
-def color_set(pixels: torch.Tensor, table: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def color_set(pixels: torch.Tensor, buckets: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Distinct colours of uint8 pixels (..., C) with counts, as :func:`gpu_kquant.colors.color_set`.
 
     Args:
         pixels: (..., C) uint8, C = 3 or 4.
-        table: for RGB only, a (2**24,) int32 table of zeros to count in (zero again on
-            return); ``None`` sorts all the keys instead (faster for small images).
+        buckets: for RGB, count bucket by bucket of the blue byte (faster for large
+            images); otherwise (and always for RGBA) radix sort all the keys.
 
     Returns:
         keys (M,) int32 ascending, counts (M,) int64 and colours (M, C) uint8.
@@ -43,9 +43,7 @@ def color_set(pixels: torch.Tensor, table: torch.Tensor | None) -> tuple[torch.T
     keys = torch.empty(n, dtype=torch.int32)
     counts = torch.empty(n, dtype=torch.int64)
     colors = torch.empty((n, c), dtype=torch.uint8)
-    m = _imagekernels.color_set(
-        flat.numpy(), None if table is None else table.numpy(), keys.numpy(), counts.numpy(), colors.numpy(), n, c
-    )
+    m = _imagekernels.color_set(flat.numpy(), keys.numpy(), counts.numpy(), colors.numpy(), n, c, buckets)
     return keys[:m], counts[:m], colors[:m]
 
 
