@@ -1,7 +1,7 @@
 """Build the optional C kernels (all metadata is in pyproject.toml).
 
-Both extensions are optional: without a compiler the package falls back to pure torch
-(k-means) and pure Python (dithering). ``-ffp-contract=off`` keeps distances bit-identical
+Every extension is optional: without a compiler the package falls back to pure torch
+(k-means, colour sets, mapping) and pure Python (dithering). ``-ffp-contract=off`` keeps distances bit-identical
 to the torch reference (no fused multiply-add).
 """
 
@@ -15,5 +15,6 @@ setup(
     ext_modules=[
         Extension("gpu_kquant._fsdither", ["gpu_kquant/_fsdither.c"], optional=True),
         Extension("gpu_kquant._kernels", ["gpu_kquant/_kernels.c"], extra_compile_args=_FLAGS, optional=True),
+        Extension("gpu_kquant._imagekernels", ["gpu_kquant/_imagekernels.c"], extra_compile_args=_FLAGS, optional=True),
     ]
 )

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .colors import ColorSet, color_set, lookup, pack
+from .colors import ColorSet, color_sets, pixel_color_set, pixel_lookup
 from .device import resolve_device
 from .dither import DITHERS, bayer_offsets, floyd_steinberg, palette_spacing
 from .fitplan import as_rgba, fit_palettes
+from .kernels import image_backend
 from .metrics import sampled_ssim
 from .nearest import assign, assign_with_bounds, nearest_two
 from .options import FitOptions
@@ -198,6 +199,21 @@ def _pixel_error(src: torch.Tensor, dst: torch.Tensor, channels: int) -> torch.T
     return (_premultiplied(src) - _premultiplied(dst)).square().sum(-1)
 
 
+def _error_and_usage(cs: ColorSet, palette: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Squared error summed over all pixels and channels, and pixels per palette entry (P,) int64.
+
+    The RGB error is an exact integer (the C kernel's, or the torch sum, which is exact
+    below 2**53), so both paths give the same float.
+    """
+    kernels = image_backend(labels.device)
+    if kernels is not None and cs.channels == 3 and palette.shape[1] == 3:
+        total, usage = kernels.rgb_error(cs.colors, cs.counts, labels, palette)
+        return float(total), usage
+    err = _pixel_error(cs.colors, palette[labels], cs.channels)
+    usage = torch.zeros(palette.shape[0], dtype=torch.long, device=labels.device).index_add_(0, labels, cs.counts)
+    return float((err * cs.counts).sum()), usage
+
+
 def _blur(img: torch.Tensor) -> torch.Tensor:
     """3x3 binomial blur of (H, W, C) float64, edges replicated."""
     x = img.permute(2, 0, 1)[:, None]
@@ -209,7 +225,6 @@ def _blur(img: torch.Tensor) -> torch.Tensor:
 
 def _finish(
     pixels: torch.Tensor,
-    keys: torch.Tensor,
     cs: ColorSet,
     space: ColorSpace,
     palette: torch.Tensor,
@@ -224,16 +239,19 @@ def _finish(
     entries and is reordered (entries with transparency first, then by pixel count); a
     fixed palette is kept as given.
     """
-    dev = keys.device
+    dev = pixels.device
     rgba = cs.channels == 4 or palette.shape[1] == 4
     pal_points, pal_alpha = _palette_points(palette, space, rgba)
     blur_mse = None
     if dither == "none":
         points, alpha = _colour_points(cs, space, palette)
-        labels = _assign_constrained(points, alpha, pal_points, pal_alpha, None if rgba else bins)
-        err = _pixel_error(cs.colors, palette[labels], cs.channels)
-        mse = float((err * cs.counts).sum()) / (cs.channels * keys.numel())
-        usage = torch.zeros(palette.shape[0], dtype=torch.long, device=dev).index_add_(0, labels, cs.counts)
+        # Opaque colours and palette: every entry is allowed, so skip the alpha masks.
+        if rgba:
+            labels = _assign_constrained(points, alpha, pal_points, pal_alpha)
+        else:
+            labels = _nearest(points, pal_points, bins)
+        total, usage = _error_and_usage(cs, palette, labels)
+        mse = total / (cs.channels * pixels.shape[0] * pixels.shape[1])
     else:
         h, w, c = pixels.shape
         if dither in ("fs", "adaptive"):
@@ -259,7 +277,7 @@ def _finish(
     palette = palette[order]
     index_dtype = torch.uint8 if palette.shape[0] <= 256 else torch.int32
     if dither == "none":
-        indices = lookup(cs, remap[labels].to(index_dtype), keys)
+        indices = pixel_lookup(cs, remap[labels].to(index_dtype), pixels)
     else:
         indices = remap[pixel_labels].to(index_dtype)
     similarity = sampled_ssim(pixels, palette, indices)
@@ -380,13 +398,12 @@ def quantize_batch(
     dev = resolve_device(device)
     sp = ColorSpace(fit.space)
     tensors = [to_tensor(img).to(dev, non_blocking=True) for img in images]
-    keys = [pack(t) for t in tensors]
-    sets = [color_set(kk, t.shape[2]) for kk, t in zip(keys, tensors)]
+    sets = color_sets(tensors)
     fitted = fit_palettes(sets, fit, dev)
     out = []
-    for t, kk, cs, (pal, b) in zip(tensors, keys, sets, fitted):
+    for t, cs, (pal, b) in zip(tensors, sets, fitted):
         check_stop(fit.stop)  # mapping a large image takes seconds at k = 256
-        out.append(_finish(t, kk, cs, sp, pal, b if dither == "none" else None, fixed=False, dither=dither))
+        out.append(_finish(t, cs, sp, pal, b if dither == "none" else None, fixed=False, dither=dither))
     return out
 
 
@@ -419,9 +436,8 @@ def map_to_palette(
     out = []
     for img in images:
         t = to_tensor(img).to(dev, non_blocking=True)
-        kk = pack(t)
         p = clear if t.shape[2] == 4 else pal
-        out.append(_finish(t, kk, color_set(kk, t.shape[2]), sp, p, None, fixed=True, dither=dither))
+        out.append(_finish(t, pixel_color_set(t), sp, p, None, fixed=True, dither=dither))
     return out
 
 

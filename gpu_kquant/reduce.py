@@ -4,7 +4,25 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FixedPointSums"]
+__all__ = ["FixedPointSums", "fixed_point_scales"]
+
+
+def fixed_point_scales(points: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Power-of-two fixed-point scales (B,) float64 of weighted points and of weights.
+
+    Args:
+        points: (B, N, D) float; weights: (B, N) float.
+
+    The scales keep every cluster sum below 2**61 (no int64 overflow). The bound of
+    point i is max_d |x_id| |w_i|, which equals max_d |x_id w_i| exactly (rounding is
+    monotone), without a (B, N, D) float64 product.
+    """
+    w64 = weights.double()
+    bound_x = (points.abs().amax(-1).double() * w64.abs()).sum(1).clamp_min(1e-300)
+    bound_w = w64.sum(1).clamp_min(1e-300)
+    scale_x = torch.exp2(torch.floor(61 - torch.log2(bound_x)).clamp(-1000, 1000))
+    scale_w = torch.exp2(torch.floor(61 - torch.log2(bound_w)).clamp(-1000, 1000))
+    return scale_x, scale_w
 
 
 class FixedPointSums:
@@ -19,11 +37,7 @@ class FixedPointSums:
     def __init__(self, points: torch.Tensor, weights: torch.Tensor) -> None:
         w64 = weights.double()
         xw = points.double() * w64[..., None]
-        bound_x = xw.abs().amax(-1).sum(1).clamp_min(1e-300)
-        bound_w = w64.sum(1).clamp_min(1e-300)
-        # Power-of-two scales keep every cluster sum below 2**61 (no int64 overflow).
-        self.scale_x = torch.exp2(torch.floor(61 - torch.log2(bound_x)).clamp(-1000, 1000))
-        self.scale_w = torch.exp2(torch.floor(61 - torch.log2(bound_w)).clamp(-1000, 1000))
+        self.scale_x, self.scale_w = fixed_point_scales(points, weights)
         self.qx = torch.round(xw * self.scale_x[:, None, None]).long()
         self.qw = torch.round(w64 * self.scale_w[:, None]).long()
 

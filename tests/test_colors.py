@@ -77,3 +77,100 @@ def test_bin_means_are_weighted_means() -> None:
     direct = bin_colors(cs.colors, cs.counts, points, 4)
     torch.testing.assert_close(coarser[0], direct[0])
     assert torch.equal(coarser[1], direct[1]) and torch.equal(coarser[3], direct[3])
+
+
+# ----------------------------------------------------------------------------- C kernels against the torch code
+
+_C_IMAGES = importlib.import_module("gpu_kquant.kernels.cpu_images")
+needs_c_images = pytest.mark.skipif(not _C_IMAGES.AVAILABLE, reason="gpu_kquant._imagekernels not built")
+
+
+def _with_alpha(img: np.ndarray, seed: int) -> np.ndarray:
+    """The photo with a random alpha band (all values), a clear band and opaque elsewhere."""
+    rng = np.random.default_rng(seed)
+    h, w = img.shape[:2]
+    alpha = np.full((h, w), 255, np.uint8)
+    alpha[: h // 4] = rng.integers(0, 256, (h // 4, w))
+    alpha[h // 2 : h // 2 + 9] = 0
+    return np.dstack([img, alpha])
+
+
+def _photo_cases() -> list[tuple[str, np.ndarray]]:
+    cases = []
+    for i, name in enumerate(["china", "flower", "astronaut", "coffee"]):
+        img = photo(name)
+        cases += [(name, img), (f"{name}-crop", img[40:296, 30:286]), (f"{name}-rgba", _with_alpha(img, i))]
+    return cases
+
+
+@needs_c_images
+@pytest.mark.parametrize("name,img", _photo_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_c_colour_set_and_lookup_equal_torch(name: str, img: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    colors = importlib.import_module("gpu_kquant.colors")
+    pixels = torch.from_numpy(np.array(img))
+    ref = color_set(pack(pixels), pixels.shape[2])
+    for bucket_min in (1, 1 << 30):  # the C kernel's buckets and its radix sort
+        monkeypatch.setattr(colors, "_C_BUCKET_MIN_PIXELS", bucket_min)
+        cs = colors.pixel_color_set(pixels)
+        assert torch.equal(cs.keys, ref.keys) and torch.equal(cs.counts, ref.counts)
+        assert torch.equal(cs.colors, unpack(ref.keys, ref.channels))
+    gen = torch.Generator().manual_seed(0)
+    for dtype, high in ((torch.uint8, 256), (torch.int32, 1 << 16)):
+        values = torch.randint(0, high, (len(ref),), generator=gen).to(dtype)
+        assert torch.equal(colors.pixel_lookup(cs, values, pixels), lookup(ref, values, pack(pixels)))
+
+
+@needs_c_images
+@pytest.mark.parametrize("name", ["china", "coffee-rgba"])
+@pytest.mark.parametrize("space", ["rgb", "oklab"])
+def test_c_bin_colors_equal_torch(name: str, space: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpu_kquant.spaces import ColorSpace
+
+    img = photo(name.split("-")[0])
+    img = _with_alpha(img, 3) if name.endswith("rgba") else img
+    cs = color_set(pack(torch.from_numpy(np.array(img))), img.shape[2])
+    points = ColorSpace(space).points(cs.colors)
+    for bits in (8, 6, 3, 1):
+        monkeypatch.setenv("GPU_KQUANT_KERNELS", "torch")
+        ref = bin_colors(cs.colors, cs.counts, points, bits)
+        monkeypatch.setenv("GPU_KQUANT_KERNELS", "c")
+        got = bin_colors(cs.colors, cs.counts, points, bits)
+        for a, b in zip(got, ref):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@needs_c_images
+def test_c_rgb_error_is_exact() -> None:
+    cs = color_set(pack(torch.from_numpy(photo("coffee").copy())))
+    palette = torch.tensor([[0, 0, 0], [255, 255, 255], [200, 120, 40]], dtype=torch.uint8)
+    labels = torch.arange(len(cs)) % 3
+    total, usage = _C_IMAGES.rgb_error(cs.colors, cs.counts, labels, palette)
+    diff = cs.colors.long() - palette[labels].long()
+    assert total == int((diff.square().sum(1) * cs.counts).sum())
+    assert torch.equal(usage, torch.bincount(labels, weights=cs.counts.double(), minlength=3).long())
+    with pytest.raises(ValueError, match="label out of range"):
+        _C_IMAGES.rgb_error(cs.colors[:1], cs.counts[:1], torch.tensor([3]), palette)
+
+
+def test_image_kernels_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpu_kquant.kernels import image_backend
+
+    monkeypatch.setenv("GPU_KQUANT_KERNELS", "torch")
+    assert image_backend(torch.device("cpu")) is None
+    monkeypatch.setenv("GPU_KQUANT_KERNELS", "auto")
+    assert (image_backend(torch.device("cpu")) is not None) == _C_IMAGES.AVAILABLE
+    assert image_backend(torch.device("meta")) is None
+
+
+def test_batched_colour_sets_equal_one_by_one() -> None:
+    """One sort keyed by (image, colour) gives every image's own colour set (CPU tensors; CUDA uses it)."""
+    colors = importlib.import_module("gpu_kquant.colors")
+    rgb = [photo("chelsea")[:150], photo("coffee")[::3, ::3], np.zeros((1, 1, 3), np.uint8), photo("chelsea")[:20]]
+    rgba = [_with_alpha(photo("astronaut")[::4, ::4], 5), np.full((3, 5, 4), 7, np.uint8)]
+    images = [torch.from_numpy(np.array(img)) for img in (rgb[0], rgba[0], rgb[1], rgb[2], rgba[1], rgb[3])]
+    got = colors.batched_color_sets(images)
+    assert len(got) == len(images)
+    for img, cs in zip(images, got):
+        ref = color_set(pack(img), img.shape[2])
+        assert cs.channels == ref.channels
+        assert torch.equal(cs.keys, ref.keys) and torch.equal(cs.counts, ref.counts)

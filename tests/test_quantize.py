@@ -265,3 +265,27 @@ def test_refined_restarts_keep_the_best() -> None:
         one = quantize(img, 16, n_init=1, max_fit_points=4096)
         two = quantize(img, 16, n_init=2, max_fit_points=4096)
         assert two.mse <= one.mse * 1.002, (name, one.mse, two.mse)
+
+
+def test_c_image_kernels_change_no_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Colour sets, bins, mapping and error in C give the torch code's results bit for bit."""
+    if importlib.import_module("gpu_kquant.kernels").image_backend(torch.device("cpu")) is None:
+        pytest.skip("no compiled per-image kernels")
+    crop = photo("china")[100:228, 200:392]
+    alpha = np.full(crop.shape[:2], 255, np.uint8)
+    alpha[:40] = np.arange(crop.shape[1]) % 256
+    imgs = [crop, photo("coffee")[::2, ::2], np.dstack([crop, alpha])]
+    palette = np.array([[0, 0, 0], [255, 255, 255], [180, 40, 30], [20, 160, 60]], np.uint8)
+
+    def run() -> list:
+        fitted = [q for d in ("none", "ordered") for q in quantize_batch(imgs, 16, dither=d)]
+        wide = quantize_batch([crop[:40, :60], imgs[2][:40, :60]], 300)  # int32 indices before the uint16 cast
+        return fitted + wide + map_to_palette(imgs, palette)
+
+    with_c = run()
+    for module in ("gpu_kquant.colors", "gpu_kquant.quantize"):
+        monkeypatch.setattr(importlib.import_module(module), "image_backend", lambda device: None)
+    for a, b in zip(with_c, run(), strict=True):
+        np.testing.assert_array_equal(a.palette, b.palette)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        assert a.mse == b.mse

@@ -16,6 +16,12 @@ every backend gives the reference's labels. Backends register per device type in
 :data:`REGISTRY`, most preferred first; :func:`backend` picks the first available one.
 ``GPU_KQUANT_KERNELS=torch`` (or ``c``, ``triton``) forces a backend, for tests and
 comparisons.
+
+Per-image work (colour sets, histogram bins, the pixel -> palette lookup, the exact RGB
+error) has its own, smaller interface, :class:`ImageKernels`: the torch code in
+:mod:`gpu_kquant.colors` and :mod:`gpu_kquant.quantize` is its reference and runs
+wherever :func:`image_backend` returns ``None`` (no compiled backend for the device, or
+``GPU_KQUANT_KERNELS=torch``).
 """
 
 from __future__ import annotations
@@ -30,7 +36,16 @@ import torch
 
 from . import reference
 
-__all__ = ["REGISTRY", "Backend", "Kernels", "available_backends", "backend"]
+__all__ = [
+    "IMAGE_REGISTRY",
+    "REGISTRY",
+    "Backend",
+    "ImageKernels",
+    "Kernels",
+    "available_backends",
+    "backend",
+    "image_backend",
+]
 
 ENV_VAR = "GPU_KQUANT_KERNELS"
 
@@ -55,6 +70,24 @@ class Kernels(Protocol):
     ) -> torch.Tensor: ...
 
     def min_update(self, points: torch.Tensor, centre: torch.Tensor, closest: torch.Tensor) -> torch.Tensor: ...
+
+
+class ImageKernels(Protocol):
+    """Per-image kernels of a compiled backend (shapes in :mod:`.cpu_images`)."""
+
+    def color_set(self, pixels: torch.Tensor, buckets: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def lookup(
+        self, pixels: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor | None
+    ) -> torch.Tensor: ...
+
+    def bin_colors(
+        self, colors: torch.Tensor, counts: torch.Tensor, points: torch.Tensor, bits: int, scales: tuple[float, float]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def rgb_error(
+        self, colors: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor, palette: torch.Tensor
+    ) -> tuple[int, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -82,6 +115,12 @@ def _load_triton() -> ModuleType | None:
     return triton_kernels if triton_kernels.AVAILABLE else None
 
 
+def _load_c_images() -> ModuleType | None:
+    from . import cpu_images
+
+    return cpu_images if cpu_images.AVAILABLE else None
+
+
 _TORCH = Backend("torch", lambda: reference)
 _C = Backend("c", _load_c)
 _TRITON = Backend("triton", _load_triton)
@@ -90,6 +129,11 @@ _TRITON = Backend("triton", _load_triton)
 REGISTRY: dict[str, tuple[Backend, ...]] = {
     "cpu": (_C, _TORCH),
     "cuda": (_TRITON, _TORCH),
+}
+
+# Compiled per-image kernels per device type, most preferred first; none means the torch code.
+IMAGE_REGISTRY: dict[str, tuple[Backend, ...]] = {
+    "cpu": (Backend("c", _load_c_images),),
 }
 
 
@@ -110,3 +154,18 @@ def backend(device: torch.device) -> Kernels:
     if forced not in ("auto", "torch"):
         raise ValueError(f"{ENV_VAR}={forced!r} is not available on {device.type}")
     return cast(Kernels, reference)
+
+
+def image_backend(device: torch.device) -> ImageKernels | None:
+    """The compiled per-image kernels for ``device``, or ``None`` to run the torch code.
+
+    ``GPU_KQUANT_KERNELS`` forces a backend here too: ``torch`` (or a backend without
+    per-image kernels, such as ``triton``) gives ``None``.
+    """
+    forced = os.environ.get(ENV_VAR, "auto")
+    for b in IMAGE_REGISTRY.get(device.type, ()):
+        if forced in ("auto", b.name):
+            module = b.module()
+            if module is not None:
+                return cast(ImageKernels, module)
+    return None
