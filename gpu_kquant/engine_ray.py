@@ -53,7 +53,7 @@ from .options import EngineOptions, RunOptions
 from .planning import Job, JobError, Task, remove_stale_temps
 from .process import configure_process
 from .ray_histogram import ray_histogram
-from .ray_session import Stalled, batches_within, connected, from_items, ray_settings
+from .ray_session import Stalled, batches_within, connected, from_items, ray_settings, task_from_item, task_item
 from .report import Row, Summary
 from .rows import failed_row, precheck
 from .runsetup import PALETTE_FILES, RunSetup, setup_run
@@ -186,7 +186,7 @@ class WorkerActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         columns = zip(batch["src"], batch["dst"], batch["key"])
-        tasks = [Task(Path(str(src)), Path(str(dst)), str(key)) for src, dst, key in columns]
+        tasks = [task_from_item(src, dst, key) for src, dst, key in columns]
         rows = []
         for part, _ in budgeted_calls(tasks, len(tasks), self.memory_budget, self._cost):
             rows += self.worker.process(part)
@@ -223,7 +223,7 @@ def build_dataset(
         plan = dataclasses.replace(plan, sub_batch=1, batch_size=1)
     # no more actors than batches: each one is a new process that imports PyTorch
     plan = dataclasses.replace(plan, concurrency=max(1, min(plan.concurrency, math.ceil(len(tasks) / plan.batch_size))))
-    items = [{"i": i, "src": str(t.src), "dst": str(t.dst), "key": t.key} for i, t in tasks]
+    items = [{"i": i, **task_item(t)} for i, t in tasks]
     with warnings.catch_warnings():
         # Ray deprecates remote args without a named parameter (max_restarts,
         # max_task_retries) and some of its own DataContext fields; neither concerns users.

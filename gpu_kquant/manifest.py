@@ -33,12 +33,14 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .options import RunOptions
 from .planning import Job
-from .runsetup import RunSetup
+
+if TYPE_CHECKING:  # runsetup records the shared palette's files here: no import cycle at run time
+    from .runsetup import RunSetup
 
 __all__ = [
     "ABSENT",
@@ -283,6 +285,16 @@ class Manifest:
             mtime = None
         line = {"path": rel, "size": size, "mtime_ns": mtime, "blake2b": digest, "options": self.options}
         self._append(root, [{**line, "run": self.run_id}])
+
+    def record_file(self, dst: Path) -> None:
+        """:meth:`record` a file now in place at ``dst``, hashing it (a shard, a palette file)."""
+        self.record(dst, os.stat(dst).st_size, file_hash(dst))
+
+    def foreign_reason(self, dst: Path) -> str | None:
+        """The one-line reason ``dst`` must not be written (:data:`FOREIGN`), or None."""
+        if self.verdict(dst) != FOREIGN:
+            return None
+        return f"output {dst} exists and was not written by gpu_kquant; move it or choose another -o"
 
     def _append(self, root: Path, lines: list[dict[str, Any]]) -> None:
         with self._lock:

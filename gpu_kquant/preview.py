@@ -43,9 +43,13 @@ def _save(img: Image.Image, path: Path) -> None:
     write_atomic(path, buf.getvalue())
 
 
-def thumbnail_pair(original: np.ndarray, quantized: np.ndarray, preview_dir: Path, key: str) -> dict[str, str]:
-    """Write the two thumbnails of one image; returns their paths relative to ``preview_dir``."""
-    stem = hashlib.blake2b(key.encode(), digest_size=10).hexdigest()
+def thumbnail_pair(original: np.ndarray, quantized: np.ndarray, preview_dir: Path, ident: str) -> dict[str, str]:
+    """Write the two thumbnails of one image; returns their paths relative to ``preview_dir``.
+
+    ``ident`` names the image uniquely in the run (its output path: task keys are not unique,
+    ``d1/img.png d2/img.png`` share one); surrogate escapes of non-UTF-8 names are kept.
+    """
+    stem = hashlib.blake2b(ident.encode("utf-8", "surrogateescape"), digest_size=10).hexdigest()
     ext = "png" if original.shape[2] == 4 else "jpg"
     names = {"original": f"thumbs/{stem}.orig.{ext}", "quantized": f"thumbs/{stem}.quant.{ext}"}
     _save(_thumb(original), preview_dir / names["original"])

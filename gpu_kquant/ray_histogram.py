@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,7 @@ from .options import ResizeOptions, RunOptions
 from .palette import ColorHistogram
 from .planning import JobError, Task
 from .process import configure_process
-from .ray_session import Stalled, batches_within, from_items
+from .ray_session import Stalled, batches_within, from_items, task_from_item, task_item
 from .worker import read_task
 
 __all__ = ["FILES_PER_TASK", "histogram_files", "ray_histogram"]
@@ -61,7 +60,7 @@ def histogram_files(
     images = 0
     for src, dst, key in zip(batch["src"], batch["dst"], batch["key"]):
         try:
-            task = Task(Path(str(src)), Path(str(dst)), str(key))
+            task = task_from_item(src, dst, key)
             pixels = read_task(task, max_pixels, resize).decoded.pixels
         except Exception:
             continue
@@ -82,7 +81,7 @@ def ray_histogram(tasks: list[Task], run: RunOptions, device: torch.device) -> C
 
     Needs a connected Ray (see :func:`gpu_kquant.engine_ray.run_on_ray`).
     """
-    items = [{"src": str(t.src), "dst": str(t.dst), "key": t.key} for t in tasks]
+    items = [task_item(t) for t in tasks]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # Ray's remote args without named parameters
         ds = from_items(items, max(1, min(_MAX_BLOCKS, math.ceil(len(items) / FILES_PER_TASK))))

@@ -7,20 +7,31 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import socket
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import ray
 import ray.data
 
 from .control import sigterm_stops
-from .planning import JobError
+from .planning import JobError, Task
 
-__all__ = ["STALL_SECONDS", "Stalled", "batches_within", "connected", "from_items", "ray_settings"]
+__all__ = [
+    "STALL_SECONDS",
+    "Stalled",
+    "batches_within",
+    "connected",
+    "from_items",
+    "ray_settings",
+    "task_from_item",
+    "task_item",
+]
 
 STALL_SECONDS = 900.0
 """Longest wait for the next batch from Ray. Every wait on Ray has a timeout: when none arrives
@@ -179,3 +190,17 @@ def from_items(items: list[dict[str, Any]], blocks: int) -> ray.data.Dataset:
         return ray.data.from_items(items, override_num_blocks=blocks)
     except TypeError:  # Ray < 2.10 calls it parallelism
         return ray.data.from_items(items, parallelism=blocks)
+
+
+def task_item(task: Task) -> dict[str, Any]:
+    """A task as a Ray Data row: paths as bytes (``os.fsencode``).
+
+    A file name that is not UTF-8 is kept by Python with surrogate escapes, which pyarrow
+    cannot encode as a string (UnicodeEncodeError, issue 12 item 5); bytes carry any name.
+    """
+    return {"src": os.fsencode(task.src), "dst": os.fsencode(task.dst), "key": task.key}
+
+
+def task_from_item(src: Any, dst: Any, key: Any) -> Task:
+    """The :class:`Task` of one row made by :func:`task_item` (numpy gives ``bytes`` or ``np.bytes_``)."""
+    return Task(Path(os.fsdecode(bytes(src))), Path(os.fsdecode(bytes(dst))), str(key))

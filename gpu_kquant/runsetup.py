@@ -17,11 +17,20 @@ import torch
 
 from .fitting import fit_shared_palette
 from .imagefiles import TEMP_PREFIX
+from .manifest import Manifest
 from .options import FitOptions, OutputOptions, RunOptions
 from .palette import ColorHistogram, Palette
 from .planning import Job, JobError, Task, all_shards, plan_tasks
 
-__all__ = ["PALETTE_FILES", "HistogramPass", "PreviewTarget", "RunSetup", "resolve_palette", "setup_run"]
+__all__ = [
+    "PALETTE_FILES",
+    "HistogramPass",
+    "PreviewTarget",
+    "RunSetup",
+    "check_palette_files",
+    "resolve_palette",
+    "setup_run",
+]
 
 PALETTE_FILES = ("palette.json", "palette.npy", "palette.gpl")
 
@@ -66,14 +75,49 @@ class RunSetup:
         return self.palette.space if self.palette is not None else self.fit.space
 
 
-def _save_palette(palette: Palette, out_dir: Path) -> None:
-    """Write palette.json, .npy and .gpl atomically (a temporary name renamed into place)."""
+def _palette_manifest(run: RunOptions, out_dir: Path) -> Manifest:
+    """The manifest that vouches for the shared palette's files in ``out_dir``."""
+    return Manifest([out_dir], {"shared_palette": dataclasses.asdict(run.fit)}, "", run.engine.shard)
+
+
+def _foreign_palette_file(manifest: Manifest, out_dir: Path) -> str | None:
+    """Why the shared palette's files in ``out_dir`` cannot be used: one is not gpu_kquant's; else None."""
+    for name in PALETTE_FILES:
+        if manifest.foreign_reason(out_dir / name) is not None:
+            return (
+                f"{out_dir / name} exists and was not written by gpu_kquant (--palette shared writes "
+                f"{', '.join(PALETTE_FILES)} there); move it or choose another -o"
+            )
+    return None
+
+
+def check_palette_files(job: Job, run: RunOptions) -> None:
+    """Refuse a ``--palette shared`` run whose output folder holds a palette file gpu_kquant did not write.
+
+    Such a file is never read as the saved palette nor replaced, even with ``--overwrite``.
+
+    Raises:
+        ValueError: the one-line reason (the CLI's usage error, exit 2).
+    """
+    if run.output.palette != "shared":
+        return
+    manifest = _palette_manifest(run, job.out_dir)
+    reason = _foreign_palette_file(manifest, job.out_dir)
+    manifest.close()
+    if reason is not None:
+        raise ValueError(reason)
+
+
+def _save_palette(palette: Palette, out_dir: Path, manifest: Manifest) -> None:
+    """Write palette.json, .npy and .gpl atomically (a temporary name renamed into place), each in the manifest."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in PALETTE_FILES:
         suffix = Path(name).suffix
         tmp = (out_dir / f"{TEMP_PREFIX}{os.getpid()}-{name}").with_suffix(suffix)
         palette.save(tmp)
+        manifest.claim([out_dir / name])  # before the rename: a kill right after leaves it known as ours
         os.replace(tmp, out_dir / name)
+        manifest.record_file(out_dir / name)
 
 
 def resolve_palette(job: Job, run: RunOptions, device: torch.device, histogram: HistogramPass) -> Palette | None:
@@ -82,7 +126,11 @@ def resolve_palette(job: Job, run: RunOptions, device: torch.device, histogram: 
     A shared palette already saved in the output folder is reused (so a resumed run
     maps to the same palette); otherwise it is fitted on the histogram of every input,
     over all shards (``histogram`` runs that pass: local threads, or Ray), and saved as
-    palette.json, palette.npy and palette.gpl.
+    palette.json, palette.npy and palette.gpl, each recorded in the output folder's manifest.
+
+    Raises:
+        JobError: a palette file there was not written by gpu_kquant (the manifest does not
+            list it): it is neither reused nor replaced.
     """
     choice = run.output.palette
     if choice is None:
@@ -93,16 +141,23 @@ def resolve_palette(job: Job, run: RunOptions, device: torch.device, histogram: 
             return Palette.load(path, space=None if path.suffix.lower() == ".json" else run.fit.space)
         except (OSError, ValueError, KeyError) as exc:
             raise JobError(f"cannot read palette {path}: {exc}") from None
-    saved = job.out_dir / PALETTE_FILES[0]
-    if saved.exists() and not run.output.overwrite:
-        return Palette.load(saved)
-    everything, _, _ = plan_tasks(all_shards(run))
-    hist = histogram(everything, run, device)
-    if hist.pixels == 0:
-        raise JobError("no decodable image to fit a shared palette on")
-    palette = fit_shared_palette(hist, run.fit, device)
-    _save_palette(palette, job.out_dir)
-    return palette
+    manifest = _palette_manifest(run, job.out_dir)
+    try:
+        reason = _foreign_palette_file(manifest, job.out_dir)
+        if reason is not None:
+            raise JobError(reason)
+        saved = job.out_dir / PALETTE_FILES[0]
+        if saved.exists() and not run.output.overwrite:
+            return Palette.load(saved)
+        everything, _, _ = plan_tasks(all_shards(run))
+        hist = histogram(everything, run, device)
+        if hist.pixels == 0:
+            raise JobError("no decodable image to fit a shared palette on")
+        palette = fit_shared_palette(hist, run.fit, device)
+        _save_palette(palette, job.out_dir, manifest)
+        return palette
+    finally:
+        manifest.close()
 
 
 def setup_run(job: Job, run: RunOptions, device: torch.device, histogram: HistogramPass) -> RunSetup:

@@ -8,6 +8,7 @@ returns its report row: ``ok``, ``quality`` (below the minimum PSNR, not written
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,7 +102,7 @@ def add_preview(item: Item, result: Quantized, target: PreviewTarget, row: Row) 
     if target.side_by_side:
         side_by_side(pixels, quantized, item.task.dst.with_name(item.task.dst.stem + ".preview.png"))
         return
-    thumbs = thumbnail_pair(pixels, quantized, target.folder, item.task.key)
+    thumbs = thumbnail_pair(pixels, quantized, target.folder, os.fspath(item.task.dst))  # unique, unlike the key
     row.preview = {
         "input": row.input,
         "name": item.task.key,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -109,7 +110,10 @@ def test_kill_9_then_resume_gives_identical_bytes(tmp_path: Path) -> None:
     assert 1 <= len(done) < total, "the run should have been killed midway"
     rerun = cli(src, "-k", 8, "-o", out, "--quiet", "--batch-size", 1)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"{len(done)} skipped" in rerun.stderr
+    # outputs the manifest vouches for are skipped; one renamed into place just before the kill,
+    # before its entry was written, is only claimed and is redone
+    skipped = re.search(r"(\d+) skipped", rerun.stderr)
+    assert skipped is not None and len(done) - 2 <= int(skipped[1]) <= len(done), rerun.stderr
     names = sorted(p.name for p in clean.iterdir() if p.suffix in (".tar", ".parquet"))
     assert names == sorted(p.name for p in out.iterdir() if p.suffix in (".tar", ".parquet")) and len(names) == total
     for name in names:
@@ -204,3 +208,59 @@ def test_quality_needs_a_palette_per_image() -> None:
         DatasetOptions(out=Path("o"), output_format="tokens", palette=palette, quality=(30.0, 40.0))
     with pytest.raises(ValueError, match="--palette"):
         DatasetOptions(out=Path("o"), palette=palette, quality=(30.0, 40.0))
+
+
+def test_shard_outputs_follow_the_manifest(tmp_path: Path) -> None:
+    """A file gpu_kquant did not write is never replaced; its own intact outputs are skipped; others redone."""
+    from gpu_kquant.datasets import DatasetOptions, find_shards, process_shard
+    from gpu_kquant.options import FitOptions
+
+    write_shard(tmp_path / "a.tar", 0, 2)
+    write_shard(tmp_path / "b.tar", 2, 2)
+    shards, _ = find_shards([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.tar").write_bytes(b"the user's own tar")
+    for overwrite in (False, True):
+        options = DatasetOptions(out=out, fit=FitOptions(k=5), overwrite=overwrite)
+        (a_rows, b_rows) = (process_shard(s, options) for s in shards)
+        assert [r.status for r in a_rows] == ["failed"] and "not written by gpu_kquant" in (a_rows[0].reason or "")
+        assert (out / "a.tar").read_bytes() == b"the user's own tar"
+    assert [r.status for r in b_rows] == ["ok", "ok"]
+    options = DatasetOptions(out=out, fit=FitOptions(k=5))
+    assert [r.status for r in process_shard(shards[1], options)] == ["skipped"]
+    # made with another -k: redone; then changed on disk (a full disk, say): redone
+    other = DatasetOptions(out=out, fit=FitOptions(k=4))
+    assert [r.status for r in process_shard(shards[1], other)] == ["ok", "ok"]
+    assert all(colours(v) <= 4 for k, v in read_tar(out / "b.tar").items() if k.endswith(".png"))
+    (out / "b.tar").write_bytes(b"")
+    assert [r.status for r in process_shard(shards[1], other)] == ["ok", "ok"]
+    assert [r.status for r in process_shard(shards[1], other)] == ["skipped"]
+
+
+def test_loose_files_from_a_shard_never_replace_a_users_file(tmp_path: Path) -> None:
+    from gpu_kquant.datasets import DatasetOptions, find_shards, process_shard
+    from gpu_kquant.options import FitOptions
+
+    write_shard(tmp_path / "a.tar", 0, 2)
+    (shard,), _ = find_shards([str(tmp_path / "a.tar")])
+    (tmp_path / "out" / "a").mkdir(parents=True)
+    (tmp_path / "out" / "a" / "000000000.png").write_bytes(b"mine")
+    options = DatasetOptions(out=tmp_path / "out", output_format="files", fit=FitOptions(k=5), overwrite=True)
+    rows = process_shard(shard, options)
+    assert [r.status for r in rows] == ["failed", "ok"] and "not written by gpu_kquant" in (rows[0].reason or "")
+    assert (tmp_path / "out" / "a" / "000000000.png").read_bytes() == b"mine"
+    # the file gpu_kquant wrote is listed: with other options it is redone, with the same ones skipped
+    again = DatasetOptions(out=tmp_path / "out", output_format="files", fit=FitOptions(k=4))
+    assert [r.status for r in process_shard(shard, again)] == ["failed", "ok"]
+    assert [r.status for r in process_shard(shard, again)] == ["failed", "skipped"]
+
+
+def test_shared_palette_of_a_dataset_never_replaces_a_users_file(tmp_path: Path) -> None:
+    write_shard(tmp_path / "a.tar", 0, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "palette.gpl").write_text("my palette\n")
+    result = cli(tmp_path / "a.tar", "-o", out, "--palette", "shared", "--overwrite", "--quiet")
+    assert result.returncode == 2 and "palette.gpl exists and was not written by gpu_kquant" in result.stderr
+    assert (out / "palette.gpl").read_text() == "my palette\n" and not (out / "a.tar").exists()

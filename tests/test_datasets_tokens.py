@@ -139,3 +139,25 @@ def test_more_than_256_colours_give_uint16_tokens(tmp_path: Path) -> None:
     dist = ((pixels - palette[None].astype(np.float64)) ** 2).sum(-1)
     assert np.allclose(dist[np.arange(len(dist)), indices[0].reshape(-1)], dist.min(1), atol=1e-6)
     assert np.array_equal(np.load(options.out / "palette.npy"), palette)
+
+
+def test_tokens_never_replace_a_users_files(tmp_path: Path) -> None:
+    """indices.npy (and keys.txt, palette.npy, tokens.json) in OUT are replaced only when gpu_kquant wrote them."""
+    write_shard(tmp_path / "a.tar", 0, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = np.arange(6, dtype=np.uint8)
+    np.save(out / "indices.npy", mine)
+    args = ("-o", out, "--output-format", "tokens", "--palette", "shared", "--quiet")
+    result = cli(tmp_path / "a.tar", *args)
+    assert result.returncode == 1, result.stderr
+    report = [json.loads(line) for line in (out / "gpu_kquant_report.jsonl").read_text().splitlines()]
+    assert {r["status"] for r in report} == {"failed"}
+    assert all("indices.npy exists and was not written by gpu_kquant" in r["reason"] for r in report)
+    assert np.array_equal(np.load(out / "indices.npy"), mine)
+    # once moved away, the run writes the layout; a rerun skips the shard the manifest vouches for
+    (out / "indices.npy").unlink()
+    assert cli(tmp_path / "a.tar", *args).returncode == 0
+    assert np.load(out / "indices.npy").shape[0] == 2
+    rerun = cli(tmp_path / "a.tar", *args)
+    assert rerun.returncode == 0 and "1 skipped" in rerun.stderr, rerun.stderr

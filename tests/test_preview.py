@@ -96,3 +96,23 @@ def test_single_file_gets_a_side_by_side_png(tmp_path: Path) -> None:
     side = tmp_path / "cat_k8.preview.png"
     img = Image.open(side)
     assert img.size == (2 * 451 + 8, 300)
+
+
+def test_inputs_with_one_name_get_their_own_thumbnails(tmp_path: Path) -> None:
+    # d1/img.png and d2/img.png share a task key; their thumbnails must not share a file (issue 12).
+    for folder, name in (("d1", "chelsea"), ("d2", "coffee")):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(photo(name)).save(tmp_path / folder / "img.png")
+    out = tmp_path / "out"
+    result = cli(tmp_path / "d1" / "img.png", tmp_path / "d2" / "img.png", "-k", 8, "-o", out, "--preview", "--quiet")
+    assert result.returncode == 0, result.stderr
+    page = (out / "preview" / "index.html").read_text()
+    originals = [t for t in re.findall(r'<img src="([^"]+)"', page) if ".orig." in t]
+    assert len(originals) == 2 and len(set(originals)) == 2, originals
+    # each thumbnail shows its own image: its mean colour is nearest its source's
+    means = {name: photo(name).reshape(-1, 3).mean(0) for name in ("chelsea", "coffee")}
+    seen = set()
+    for thumb in originals:
+        mean = np.asarray(Image.open(out / "preview" / thumb).convert("RGB")).reshape(-1, 3).mean(0)
+        seen.add(min(means, key=lambda n: float(np.abs(means[n] - mean).sum())))
+    assert seen == {"chelsea", "coffee"}

@@ -28,3 +28,25 @@ def test_shared_palette(tmp_path: Path) -> None:
     assert cli(src, "-k", 16, "-o", out, "--palette", "shared", "--quiet").returncode == 0
     assert (out / "palette.json").stat().st_mtime_ns == stamp
     assert outputs[0].read_bytes() == (again / outputs[0].name).read_bytes()
+
+
+def test_shared_palette_never_replaces_a_users_file(tmp_path: Path) -> None:
+    # palette.json/.npy/.gpl beside the outputs are gpu_kquant's only when its manifest lists them (issue 12)
+    src = small_folder(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = b'{"colors": "the user\'s own notes"}'
+    (out / "palette.json").write_bytes(mine)
+    for extra in ((), ("--overwrite",)):
+        result = cli(src, "-k", 8, "-o", out, "--palette", "shared", "--quiet", *extra)
+        assert result.returncode == 2, result.stderr
+        assert "palette.json exists and was not written by gpu_kquant" in result.stderr.strip().splitlines()[-1]
+        assert (out / "palette.json").read_bytes() == mine
+    assert not list(out.glob("*.png"))
+    # Files gpu_kquant wrote are listed, so --overwrite refits and replaces them.
+    (out / "palette.json").unlink()
+    assert cli(src, "-k", 8, "-o", out, "--palette", "shared", "--quiet").returncode == 0
+    (out / "palette.gpl").touch()  # changed since written: still ours, replaced
+    result = cli(src, "-k", 8, "-o", out, "--palette", "shared", "--overwrite", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert (out / "palette.gpl").read_text().startswith("GIMP Palette")

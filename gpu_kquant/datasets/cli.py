@@ -21,7 +21,7 @@ from ..imagefiles import IMAGE_EXTENSIONS
 from ..options import FitOptions
 from ..palette import Palette
 from ..planning import remove_stale_temps, shard_of
-from ..report import ReportWriter, Summary
+from ..report import ReportWriter, Summary, new_run_id
 from .options import OUTPUT_FORMATS, QUALITY_TOKENS, DatasetOptions
 from .run import default_parallel, run_shards, shared_palette
 from .shard import output_path
@@ -111,6 +111,8 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser, shards: 
             image_column=args.image_column,
             overwrite=args.overwrite,
             quality=args.quality,
+            run_id=new_run_id(),  # the report's, also on the manifest's lines (the shared palette's first)
+            run_shard=tuple(args.shard),
         )
         palette = _palette(args, parser, shards, common)
         options = dataclasses.replace(
@@ -150,7 +152,7 @@ def run_datasets(args: argparse.Namespace, parser: argparse.ArgumentParser) -> t
     mine = [s for s in shards if count == 1 or shard_of(s.name, count) == index]
     remove_stale_temps([options.out])
     summary = Summary()
-    report = ReportWriter(_report_path(args, options, bool(rest)), summary)
+    report = ReportWriter(_report_path(args, options, bool(rest)), summary, run_id=options.run_id)
     parallel = default_parallel(options.device)
     threads = torch.get_num_threads()
     if options.device == "cpu" and parallel > 1:

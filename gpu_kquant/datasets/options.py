@@ -40,10 +40,12 @@ class DatasetOptions:
         max_pixels: larger images are failed rows.
         resize: ``--resize``: every image resized before quantization, or None.
         image_column: Parquet image column (None: detect).
-        overwrite: redo shards whose output exists.
+        overwrite: redo shards whose output gpu_kquant wrote (a file it did not write is never replaced).
         quality: ``--quality`` (minimum, target) PSNR in dB: each image gets the smallest k up to
             ``fit.k`` reaching the target, and an image below the minimum is a ``quality`` row left
             out of the output. Needs a palette per image, so not with ``palette`` (nor tokens).
+        run_id: the report's run id, written on the manifest's lines.
+        run_shard: ``--shard`` (index, count), which names the manifest file the run appends to.
     """
 
     out: Path
@@ -62,6 +64,8 @@ class DatasetOptions:
     image_column: str | None = None
     overwrite: bool = False
     quality: tuple[float, float] | None = None
+    run_id: str = field(default="", compare=False)
+    run_shard: tuple[int, int] = field(default=(0, 1), compare=False)
 
     def __post_init__(self) -> None:
         if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:

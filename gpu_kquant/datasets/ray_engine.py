@@ -12,13 +12,11 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
-import numpy as np
-
 from ..report import Row
 from .options import DatasetOptions
+from .run import assemble_run
 from .shard import output_path, process_shard
 from .sources import Shard
-from .tokens import assemble
 
 __all__ = ["run_shards_ray"]
 
@@ -65,6 +63,5 @@ def run_shards_ray(
             ray.shutdown()
     tokens = [s.name for s in shards if options.format_for(s) == "tokens"]
     if tokens and assemble_tokens:
-        assert options.palette is not None
-        for row in assemble(options.out, tokens, np.asarray(options.palette)):
+        for row in assemble_run(tokens, options):
             emit(row)

@@ -15,18 +15,20 @@ from pathlib import Path
 
 import numpy as np
 
+from ..manifest import Manifest
 from ..palette import ColorHistogram, Palette
 from ..report import Row
 from ..resize import resize_decoded
 from .codec import DecodeError, decode_bytes, fit_kwargs
 from .options import DatasetOptions
+from .resume import open_dataset_manifest
 from .samples import ShardError
 from .shard import process_shard, read_shard
 from .sinks import finish, open_temp
 from .sources import Shard
 from .tokens import assemble
 
-__all__ = ["PALETTE_FILES", "run_shards", "shared_palette"]
+__all__ = ["PALETTE_FILES", "assemble_run", "run_shards", "shared_palette"]
 
 PALETTE_FILES = ("palette.json", "palette.npy", "palette.gpl")
 
@@ -34,16 +36,35 @@ PALETTE_FILES = ("palette.json", "palette.npy", "palette.gpl")
 def shared_palette(shards: list[Shard], options: DatasetOptions) -> Palette:
     """The one palette of ``--palette shared``: reused from ``OUT/palette.json``, else fitted and saved.
 
+    The palette files are gpu_kquant's only when the manifest of ``OUT`` lists them: a file
+    of that name it did not write is neither reused nor replaced (a ValueError, the CLI's
+    usage error); the files written are claimed and recorded there.
+
     The fit sees the exact colour histogram of every decodable (and resized) image of
     every shard, one image at a time, so memory stays flat; unreadable samples and
     shards are left out here and get their failed rows in the main pass.
 
     Raises:
-        ValueError: no image could be decoded.
+        ValueError: no image could be decoded, or a palette file in OUT is not gpu_kquant's.
     """
-    saved = options.out / PALETTE_FILES[0]
-    if saved.exists() and not options.overwrite:
-        return Palette.load(saved)
+    manifest = open_dataset_manifest(options)
+    try:
+        for name in PALETTE_FILES:
+            if manifest.foreign_reason(options.out / name) is not None:
+                raise ValueError(
+                    f"{options.out / name} exists and was not written by gpu_kquant (--palette shared writes "
+                    f"{', '.join(PALETTE_FILES)} there); move it or choose another -o"
+                )
+        saved = options.out / PALETTE_FILES[0]
+        if saved.exists() and not options.overwrite:
+            return Palette.load(saved)
+        return _fit_shared(shards, options, manifest)
+    finally:
+        manifest.close()
+
+
+def _fit_shared(shards: list[Shard], options: DatasetOptions, manifest: Manifest) -> Palette:
+    """Fit the shared palette on every image of ``shards`` and save its files in OUT."""
     hist = ColorHistogram(options.device)
     for shard in shards:
         try:
@@ -67,7 +88,9 @@ def shared_palette(shards: list[Shard], options: DatasetOptions) -> Palette:
         final = tmp.with_suffix(Path(name).suffix)
         palette.save(final)
         tmp.unlink(missing_ok=True)
+        manifest.claim([options.out / name])
         finish(final, options.out / name)
+        manifest.record_file(options.out / name)
     return palette
 
 
@@ -102,9 +125,18 @@ def run_shards(
                     emit(row)
     tokens = [s.name for s in shards if options.format_for(s) == "tokens"]
     if tokens and assemble_tokens and not stop.is_set():
-        assert options.palette is not None
-        for row in assemble(options.out, tokens, np.asarray(options.palette)):
+        for row in assemble_run(tokens, options):
             emit(row)
+
+
+def assemble_run(tokens: list[str], options: DatasetOptions) -> list[Row]:
+    """:func:`assemble` the token parts of the shards ``tokens``, under the manifest of OUT."""
+    assert options.palette is not None
+    manifest = open_dataset_manifest(options)
+    try:
+        return assemble(options.out, tokens, np.asarray(options.palette), manifest)
+    finally:
+        manifest.close()
 
 
 def default_parallel(device: str) -> int:

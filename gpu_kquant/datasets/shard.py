@@ -18,15 +18,17 @@ from typing import Any
 
 import numpy as np
 
+from ..manifest import CURRENT, Manifest, content_hash
 from ..quantize import Quantized
 from ..report import Row
 from ..resize import resize_decoded
 from .codec import DecodeError, decode_bytes, encode_image, quantize_images
 from .options import DatasetOptions
+from .resume import open_dataset_manifest
 from .samples import Sample, ShardError, iter_files, iter_tar
 from .sinks import FilesSink, ParquetRows, TarSink
 from .sources import Shard
-from .tokens import TokensSink, part_done
+from .tokens import TOKENS_FILES, TokensSink, part_done
 
 __all__ = ["output_path", "process_shard", "read_shard"]
 
@@ -63,11 +65,26 @@ def _open_sink(shard: Shard, options: DatasetOptions, schema: Any, first: Sample
     return FilesSink(dst, options.image_format)
 
 
-def _done(shard: Shard, options: DatasetOptions) -> bool:
+def _done(shard: Shard, options: DatasetOptions, manifest: Manifest) -> bool:
+    """Whether the shard's output is gpu_kquant's, intact and made with these options (loose files: per file)."""
     fmt = options.format_for(shard)
     if fmt == "tokens":
-        return part_done(options.out, shard.name)
-    return fmt != "files" and output_path(shard, options).exists()
+        return part_done(options.out, shard.name, manifest)
+    return fmt != "files" and manifest.verdict(output_path(shard, options)) == CURRENT
+
+
+def _precheck(where: _Where, options: DatasetOptions, manifest: Manifest) -> Row | None:
+    """The one row of a shard that must not run (a file there is not gpu_kquant's) or need not; else None."""
+    paths = [] if where.fmt == "files" else [where.dst]
+    if where.fmt == "tokens":  # the assembled layout is shared by every tokens shard
+        paths += [options.out / name for name in TOKENS_FILES]
+    for path in paths:
+        reason = manifest.foreign_reason(path)
+        if reason is not None:
+            return Row(str(where.shard.path), str(where.dst), "failed", reason=reason, k=where.k)
+    if not options.overwrite and _done(where.shard, options, manifest):
+        return Row(str(where.shard.path), str(where.dst), "skipped", reason="output exists", k=where.k)
+    return None
 
 
 @dataclass
@@ -143,6 +160,7 @@ class _Where:
     space: str
     dither: str
     min_psnr: float | None = None
+    manifest: Manifest | None = None
 
 
 def _row(where: _Where, item: _Decoded, result: Any, encoded: Any, sink: Any, seconds: float) -> Row:
@@ -154,7 +172,7 @@ def _row(where: _Where, item: _Decoded, result: Any, encoded: Any, sink: Any, se
     if item.error is not None:
         return Row(src, dst, "failed", reason=item.error, k=options_k, input_bytes=size)
     h, w = item.pixels.shape[:2]  # type: ignore[union-attr]
-    reason = None
+    reason, output_hash = None, None
     if isinstance(result, Exception):
         reason = f"quantization failed: {result}"
     elif where.min_psnr is not None and result.psnr < where.min_psnr:  # refused, left out of the output
@@ -169,6 +187,8 @@ def _row(where: _Where, item: _Decoded, result: Any, encoded: Any, sink: Any, se
             notes = notes + sink.add(sample, result, data)
         except ValueError as exc:
             reason = str(exc)
+        else:
+            output_hash = _record(where, sink, sample.key, data)
     if reason is not None:
         return Row(src, dst, "failed", reason=reason, k=options_k, width=w, height=h, input_bytes=size)
     return Row(
@@ -187,20 +207,25 @@ def _row(where: _Where, item: _Decoded, result: Any, encoded: Any, sink: Any, se
         space=where.space,
         dither=where.dither,
         notes=item.notes + notes,
+        output_hash=output_hash,
     )
+
+
+def _record(where: _Where, sink: Any, key: str, data: bytes) -> str | None:
+    """A loose output file's hash, recorded in the manifest now that it is in place (None for shards)."""
+    if not isinstance(sink, FilesSink):
+        return None
+    digest = content_hash(data)
+    if where.manifest is not None:
+        where.manifest.record(sink.path(key), len(data), digest)
+    return digest
 
 
 def _process_chunk(
     chunk: list[Sample], sink: Any, pool: ThreadPoolExecutor, options: DatasetOptions, where: _Where
 ) -> list[Row]:
     """Decode, quantize, encode and write one chunk; rows in input order."""
-    skip: dict[int, Row] = {}
-    if isinstance(sink, FilesSink) and not options.overwrite:  # loose files resume file by file
-        for i, sample in enumerate(chunk):
-            path = sink.path(sample.key)
-            if path.exists():
-                src = f"{where.shard.path}#{sample.key}"
-                skip[i] = Row(src, str(path), "skipped", reason="output exists", k=where.k)
+    skip = _file_verdicts(chunk, sink, options, where) if isinstance(sink, FilesSink) else {}
     todo = [s for i, s in enumerate(chunk) if i not in skip]
     items = list(pool.map(lambda s: _decode(s, options), todo))
     t0 = time.perf_counter()
@@ -220,6 +245,24 @@ def _process_chunk(
     return rows
 
 
+def _file_verdicts(chunk: list[Sample], sink: FilesSink, options: DatasetOptions, where: _Where) -> dict[int, Row]:
+    """Loose files resume file by file: the rows of samples not to write; the others' paths are claimed."""
+    skip: dict[int, Row] = {}
+    claims = []
+    for i, sample in enumerate(chunk):
+        path, src = sink.path(sample.key), f"{where.shard.path}#{sample.key}"
+        reason = where.manifest.foreign_reason(path) if where.manifest is not None else None
+        if reason is not None:
+            skip[i] = Row(src, str(path), "failed", reason=reason, k=where.k)
+        elif not options.overwrite and where.manifest is not None and where.manifest.verdict(path) == CURRENT:
+            skip[i] = Row(src, str(path), "skipped", reason="output exists", k=where.k)
+        else:
+            claims.append(path)
+    if where.manifest is not None:
+        where.manifest.claim(claims)  # before the writes: a file renamed into place is known as ours
+    return skip
+
+
 def _chunks(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
     while chunk := list(islice(samples, size)):
         yield chunk
@@ -228,7 +271,11 @@ def _chunks(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
 def process_shard(shard: Shard, options: DatasetOptions) -> list[Row]:
     """Quantize every sample of ``shard`` into its output shard; one report row per sample.
 
-    A finished output is skipped (``skipped`` row) unless ``options.overwrite``. A
+    The manifest of ``options.out`` (:mod:`gpu_kquant.datasets.resume`) decides: a file
+    at the output path that it does not list is never written over (one ``failed`` row
+    for the shard, or per loose file); a listed, intact output made with these options
+    is skipped (``skipped`` row) unless ``options.overwrite``; anything else is redone.
+    The output is claimed before it is written and recorded once in place. A
     sample that cannot be decoded, quantized or encoded is a ``failed`` row and is left
     out of the output; the rest is written. A shard that cannot be read to its end
     (truncated or corrupt tar or Parquet) gives one ``failed`` row for the shard and
@@ -238,10 +285,22 @@ def process_shard(shard: Shard, options: DatasetOptions) -> list[Row]:
     space = options.palette_space if options.palette is not None else options.fit.space
     minimum = None if options.quality is None else options.quality[0]
     fmt = options.format_for(shard)
-    where = _Where(shard, output_path(shard, options), fmt, _k(options), space, options.dither, minimum)
-    if not options.overwrite and _done(shard, options):
-        return [Row(str(shard.path), str(where.dst), "skipped", reason="output exists", k=where.k)]
-    options.out.mkdir(parents=True, exist_ok=True)
+    manifest = open_dataset_manifest(options)
+    where = _Where(shard, output_path(shard, options), fmt, _k(options), space, options.dither, minimum, manifest)
+    try:
+        first = _precheck(where, options, manifest)
+        if first is not None:
+            return [first]
+        options.out.mkdir(parents=True, exist_ok=True)
+        if fmt != "files":
+            manifest.claim([where.dst])  # before the rename: a shard renamed into place is known as ours
+        return _write_shard(shard, options, where)
+    finally:
+        manifest.close()
+
+
+def _write_shard(shard: Shard, options: DatasetOptions, where: _Where) -> list[Row]:
+    """Stream ``shard`` through its sink; the rows (one failed row when the shard cannot be read)."""
     rows: list[Row] = []
     sink = None
     try:
@@ -254,6 +313,8 @@ def process_shard(shard: Shard, options: DatasetOptions) -> list[Row]:
         if sink is None:  # an empty shard gives an empty output shard
             sink = _open_sink(shard, options, schema, Sample("", None))
         sink.commit()
+        if where.fmt != "files" and where.manifest is not None:
+            where.manifest.record_file(where.dst)
     except ShardError as exc:
         if sink is not None:
             sink.abort()

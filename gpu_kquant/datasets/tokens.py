@@ -7,7 +7,9 @@ shard is done, :func:`assemble` copies the parts in shard order into
 ``OUT/indices.npy`` (a ``numpy.lib.format.open_memmap``, so memory stays flat),
 writes ``OUT/keys.txt`` and ``OUT/palette.npy``, records what it holds in
 ``OUT/tokens.json`` and deletes the parts. A later run (say, after a truncated shard
-was replaced) reuses the assembled rows and adds the new parts.
+was replaced) reuses the assembled rows and adds the new parts, when the manifest of
+``OUT`` vouches for them (:mod:`gpu_kquant.manifest`: written by gpu_kquant, intact, with
+these options). None of these files is written over when the manifest does not list it.
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ from typing import Any
 
 import numpy as np
 
+from ..manifest import CURRENT, Manifest
 from ..quantize import Quantized
 from ..report import Row
 from .samples import Sample
 from .sinks import finish, open_temp
 
-__all__ = ["PARTS_DIR", "TokensSink", "assemble", "part_done"]
+__all__ = ["PARTS_DIR", "TOKENS_FILES", "TokensSink", "assemble", "part_done"]
 
 PARTS_DIR = ".gpu_kquant-tokens"
 MANIFEST = "tokens.json"
+TOKENS_FILES = ("indices.npy", "keys.txt", "palette.npy", MANIFEST)
+"""The assembled layout in ``OUT``, shared by every tokens shard."""
 _COPY_ROWS = 1024  # rows copied at a time when assembling: 64 MB at 256x256 uint8
 
 
@@ -36,9 +41,18 @@ def _manifest(out: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {"shards": {}}
 
 
-def part_done(out: Path, name: str) -> bool:
-    """Whether shard ``name`` already has a committed part or is in the assembled array."""
-    return (out / PARTS_DIR / f"{name}.json").exists() or name in _manifest(out)["shards"]
+def _assembled_current(out: Path, manifest: Manifest | None) -> bool:
+    """Whether the assembled ``indices.npy`` and ``tokens.json`` may be reused (the manifest vouches for both)."""
+    if manifest is None:
+        return True
+    return all(manifest.verdict(out / name) == CURRENT for name in ("indices.npy", MANIFEST))
+
+
+def part_done(out: Path, name: str, manifest: Manifest) -> bool:
+    """Whether shard ``name`` has a committed part or is in the assembled array, made with these options."""
+    if manifest.verdict(out / PARTS_DIR / f"{name}.json") == CURRENT:
+        return True
+    return _assembled_current(out, manifest) and name in _manifest(out)["shards"]
 
 
 class TokensSink:
@@ -86,9 +100,9 @@ class TokensSink:
         self._tmp.unlink(missing_ok=True)
 
 
-def _sources(out: Path, names: list[str]) -> tuple[list[tuple[str, dict[str, Any]]], list[Row]]:
-    """Each shard's part or assembled slice, in order; a row for each shard with neither or a wrong size."""
-    manifest = _manifest(out)
+def _sources(out: Path, names: list[str], reuse: bool) -> tuple[list[tuple[str, dict[str, Any]]], list[Row]]:
+    """Each shard's part or (``reuse``) assembled slice, in order; a row per shard with neither or a bad size."""
+    manifest = _manifest(out) if reuse else {"shards": {}}
     found: list[tuple[str, dict[str, Any]]] = []
     rows: list[Row] = []
     for name in names:
@@ -111,25 +125,34 @@ def _sources(out: Path, names: list[str]) -> tuple[list[tuple[str, dict[str, Any
     return found, rows
 
 
-def assemble(out: Path, names: list[str], palette: np.ndarray) -> list[Row]:
+def assemble(out: Path, names: list[str], palette: np.ndarray, manifest: Manifest | None = None) -> list[Row]:
     """Build ``indices.npy``, ``keys.txt`` and ``palette.npy`` from the shards ``names``, in order.
 
     Returns failed rows for shards left out. Nothing is done when no new part exists.
+    With ``manifest``, a file of :data:`TOKENS_FILES` it does not list is never written
+    over (a failed row per shard, nothing written), the assembled rows are reused only
+    when it vouches for them, and every file written is claimed and recorded.
     """
-    found, rows = _sources(out, names)
+    if manifest is not None:
+        for name in TOKENS_FILES:
+            reason = manifest.foreign_reason(out / name)
+            if reason is not None:
+                return [Row(shard, None, "failed", reason=reason) for shard in names]
+    found, rows = _sources(out, names, _assembled_current(out, manifest))
     if not any(meta["part"] for _, meta in found):
         return rows
     sized = [meta for _, meta in found if meta["shape"] is not None]
     shape = tuple(sized[0]["shape"]) if sized else (0, 0)
     dtype = np.dtype(sized[0]["dtype"] if sized else np.uint8)
     total = sum(len(meta["keys"]) if meta["part"] else meta["count"] for _, meta in found)
-    old = np.load(out / "indices.npy", mmap_mode="r") if (out / "indices.npy").exists() else None
+    reused = any(not meta["part"] for _, meta in found)
+    old = np.load(out / "indices.npy", mmap_mode="r") if reused and (out / "indices.npy").exists() else None
     old_keys = (out / "keys.txt").read_text().splitlines() if old is not None else []
     f, tmp = open_temp(out)
     f.close()
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total, *shape))
     keys: list[str] = []
-    manifest: dict[str, Any] = {"shards": {}}
+    layout: dict[str, Any] = {"shards": {}}
     for name, meta in found:
         if meta["part"]:
             n = len(meta["keys"])
@@ -141,17 +164,17 @@ def assemble(out: Path, names: list[str], palette: np.ndarray) -> list[Row]:
             shard_keys = old_keys[start : start + n]
         for i in range(0, n, _COPY_ROWS):
             array[len(keys) + i : len(keys) + min(i + _COPY_ROWS, n)] = src[i : i + _COPY_ROWS]  # type: ignore[index]
-        manifest["shards"][name] = {"start": len(keys), "count": n, "shape": meta["shape"], "dtype": meta["dtype"]}
+        layout["shards"][name] = {"start": len(keys), "count": n, "shape": meta["shape"], "dtype": meta["dtype"]}
         keys += shard_keys
     array.flush()
     del array, old
-    _write(out, "keys.txt", "".join(k + "\n" for k in keys).encode())
-    finish(tmp, out / "indices.npy")
+    _write(out, "keys.txt", "".join(k + "\n" for k in keys).encode(), manifest)
+    _place(tmp, out / "indices.npy", manifest)
     buf_f, buf_tmp = open_temp(out)
     with buf_f:
         np.save(buf_f, np.ascontiguousarray(palette, np.uint8))
-    finish(buf_tmp, out / "palette.npy")
-    _write(out, MANIFEST, json.dumps(manifest).encode())
+    _place(buf_tmp, out / "palette.npy", manifest)
+    _write(out, MANIFEST, json.dumps(layout).encode(), manifest)
     for name, meta in found:
         if meta["part"]:
             (out / PARTS_DIR / f"{name}.bin").unlink(missing_ok=True)
@@ -161,8 +184,17 @@ def assemble(out: Path, names: list[str], palette: np.ndarray) -> list[Row]:
     return rows
 
 
-def _write(out: Path, name: str, data: bytes) -> None:
+def _place(tmp: Path, dst: Path, manifest: Manifest | None) -> None:
+    """Rename ``tmp`` to ``dst``, claimed in the manifest before and recorded after."""
+    if manifest is not None:
+        manifest.claim([dst])
+    finish(tmp, dst)
+    if manifest is not None:
+        manifest.record_file(dst)
+
+
+def _write(out: Path, name: str, data: bytes, manifest: Manifest | None) -> None:
     f, tmp = open_temp(out)
     with f:
         f.write(data)
-    finish(tmp, out / name)
+    _place(tmp, out / name, manifest)
