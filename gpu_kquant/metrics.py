@@ -20,7 +20,18 @@ import torch
 
 from .spaces import ciede2000, srgb_to_lab
 
-__all__ = ["blurred_psnr", "mean_ciede2000", "premultiplied", "psnr", "sampled_ssim", "ssim", "ssim_grid"]
+__all__ = [
+    "binomial_blur",
+    "blurred_psnr",
+    "mean_ciede2000",
+    "pixel_error",
+    "premultiplied",
+    "premultiplied_rgba",
+    "psnr",
+    "sampled_ssim",
+    "ssim",
+    "ssim_grid",
+]
 
 
 def _gaussian_kernel(sigma: float, truncate: float = 3.5) -> torch.Tensor:
@@ -201,3 +212,27 @@ def mean_ciede2000(
     entry = torch.from_numpy(np.ascontiguousarray(palette[:, :3])).double()[(uniq >> 24).long()] / 255
     delta = ciede2000(srgb_to_lab(colour), srgb_to_lab(entry))
     return float((delta * counts).sum() / counts.sum())
+
+
+def premultiplied_rgba(colors: torch.Tensor) -> torch.Tensor:
+    """(..., 3 or 4) uint8 colours as (..., 4) float64 premultiplied RGBA, opaque when RGB (the error space)."""
+    c = colors.double()
+    if c.shape[-1] == 3:
+        c = torch.nn.functional.pad(c, (0, 1), value=255.0)
+    return torch.cat([c[..., :3] * c[..., 3:] / 255.0, c[..., 3:]], dim=-1)
+
+
+def pixel_error(src: torch.Tensor, dst: torch.Tensor, channels: int) -> torch.Tensor:
+    """Squared error summed over channels (...,), premultiplied when RGBA is involved."""
+    if src.shape[-1] == 3 and dst.shape[-1] == 3:
+        return (src.long() - dst.long()).square().sum(-1).double()
+    return (premultiplied_rgba(src) - premultiplied_rgba(dst)).square().sum(-1)
+
+
+def binomial_blur(img: torch.Tensor) -> torch.Tensor:
+    """3x3 binomial blur of (H, W, C) float64, edges replicated."""
+    x = img.permute(2, 0, 1)[:, None]
+    k = torch.tensor([1.0, 2.0, 1.0], dtype=x.dtype, device=x.device) / 4
+    x = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    x = torch.nn.functional.conv2d(x, (k[:, None] * k[None, :])[None, None])
+    return x[:, 0].permute(1, 2, 0)

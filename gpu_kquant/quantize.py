@@ -26,7 +26,7 @@ from .device import resolve_device
 from .dither import DITHERS, bayer_offsets, floyd_steinberg, palette_spacing
 from .fitplan import as_rgba, fit_palettes
 from .kernels import image_backend
-from .metrics import sampled_ssim
+from .metrics import binomial_blur, pixel_error, premultiplied_rgba, sampled_ssim
 from .nearest import assign, assign_with_bounds, nearest_two
 from .options import FitOptions
 from .spaces import SPACES, ColorSpace
@@ -187,18 +187,6 @@ def _palette_points(palette: torch.Tensor, space: ColorSpace, rgba: bool) -> tup
     return space.points(pal), as_rgba(palette)[:, 3]
 
 
-def _premultiplied(colors: torch.Tensor) -> torch.Tensor:
-    c = as_rgba(colors).double()
-    return torch.cat([c[..., :3] * c[..., 3:] / 255.0, c[..., 3:]], dim=-1)
-
-
-def _pixel_error(src: torch.Tensor, dst: torch.Tensor, channels: int) -> torch.Tensor:
-    """Squared error summed over channels (...,), premultiplied when RGBA is involved."""
-    if src.shape[-1] == 3 and dst.shape[-1] == 3:
-        return (src.long() - dst.long()).square().sum(-1).double()
-    return (_premultiplied(src) - _premultiplied(dst)).square().sum(-1)
-
-
 def _error_and_usage(cs: ColorSet, palette: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Squared error summed over all pixels and channels, and pixels per palette entry (P,) int64.
 
@@ -209,18 +197,9 @@ def _error_and_usage(cs: ColorSet, palette: torch.Tensor, labels: torch.Tensor) 
     if kernels is not None and cs.channels == 3 and palette.shape[1] == 3:
         total, usage = kernels.rgb_error(cs.colors, cs.counts, labels, palette)
         return float(total), usage
-    err = _pixel_error(cs.colors, palette[labels], cs.channels)
+    err = pixel_error(cs.colors, palette[labels], cs.channels)
     usage = torch.zeros(palette.shape[0], dtype=torch.long, device=labels.device).index_add_(0, labels, cs.counts)
     return float((err * cs.counts).sum()), usage
-
-
-def _blur(img: torch.Tensor) -> torch.Tensor:
-    """3x3 binomial blur of (H, W, C) float64, edges replicated."""
-    x = img.permute(2, 0, 1)[:, None]
-    k = torch.tensor([1.0, 2.0, 1.0], dtype=x.dtype, device=x.device) / 4
-    x = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
-    x = torch.nn.functional.conv2d(x, (k[:, None] * k[None, :])[None, None])
-    return x[:, 0].permute(1, 2, 0)
 
 
 def _finish(
@@ -253,24 +232,7 @@ def _finish(
         total, usage = _error_and_usage(cs, palette, labels)
         mse = total / (cs.channels * pixels.shape[0] * pixels.shape[1])
     else:
-        h, w, c = pixels.shape
-        if dither in ("fs", "adaptive"):
-            pal_np = palette.cpu().numpy()
-            fs = floyd_steinberg(pixels.cpu().numpy(), pal_np, space, adaptive=dither == "adaptive")
-            pixel_labels = torch.from_numpy(fs).to(dev).long()
-        else:
-            flat = pixels.reshape(-1, c)
-            points = space.points(as_rgba(flat) if rgba else flat)
-            step = bayer_offsets(h, w, dev).reshape(-1, 1) * palette_spacing(pal_points)
-            alpha = as_rgba(flat)[:, 3]
-            points[:, :3] += step * (alpha[:, None].float() / 255.0 if rgba else 1.0)
-            pixel_labels = _assign_constrained(points, alpha, pal_points, pal_alpha)
-        pixel_labels = pixel_labels.reshape(h, w)
-        out = palette[pixel_labels]
-        mse = float(_pixel_error(pixels, out, c).mean()) / c
-        src, dst = (_premultiplied(pixels), _premultiplied(out)) if rgba else (pixels.double(), out.double())
-        blur_mse = float((_blur(src) - _blur(dst)).square().mean()) * src.shape[-1] / c
-        usage = torch.bincount(pixel_labels.reshape(-1), minlength=palette.shape[0])
+        pixel_labels, mse, blur_mse, usage = _map_dithered(pixels, palette, pal_points, pal_alpha, space, dither)
     order = torch.arange(palette.shape[0], device=dev) if fixed else _used_in_order(pal_alpha, usage)
     remap = torch.empty(palette.shape[0], dtype=torch.long, device=dev)
     remap[order] = torch.arange(order.shape[0], device=dev)
@@ -285,6 +247,42 @@ def _finish(
     if index_dtype != torch.uint8:
         indices = indices.astype(np.uint16)
     return Quantized(palette.cpu().numpy(), indices, mse, blur_mse, similarity)
+
+
+def _map_dithered(
+    pixels: torch.Tensor,
+    palette: torch.Tensor,
+    pal_points: torch.Tensor,
+    pal_alpha: torch.Tensor,
+    space: ColorSpace,
+    dither: str,
+) -> tuple[torch.Tensor, float, float, torch.Tensor]:
+    """Every pixel mapped on its own with dithering.
+
+    Returns:
+        The (H, W) int64 labels, the per-channel MSE, the blurred MSE, and the (k,) usage counts.
+    """
+    dev = pixels.device
+    h, w, c = pixels.shape
+    rgba = c == 4 or palette.shape[1] == 4
+    if dither in ("fs", "adaptive"):
+        pal_np = palette.cpu().numpy()
+        fs = floyd_steinberg(pixels.cpu().numpy(), pal_np, space, adaptive=dither == "adaptive")
+        pixel_labels = torch.from_numpy(fs).to(dev).long()
+    else:
+        flat = pixels.reshape(-1, c)
+        points = space.points(as_rgba(flat) if rgba else flat)
+        step = bayer_offsets(h, w, dev).reshape(-1, 1) * palette_spacing(pal_points)
+        alpha = as_rgba(flat)[:, 3]
+        points[:, :3] += step * (alpha[:, None].float() / 255.0 if rgba else 1.0)
+        pixel_labels = _assign_constrained(points, alpha, pal_points, pal_alpha)
+    pixel_labels = pixel_labels.reshape(h, w)
+    out = palette[pixel_labels]
+    mse = float(pixel_error(pixels, out, c).mean()) / c
+    src, dst = (premultiplied_rgba(pixels), premultiplied_rgba(out)) if rgba else (pixels.double(), out.double())
+    blur_mse = float((binomial_blur(src) - binomial_blur(dst)).square().mean()) * src.shape[-1] / c
+    usage = torch.bincount(pixel_labels.reshape(-1), minlength=palette.shape[0])
+    return pixel_labels, mse, blur_mse, usage
 
 
 def _used_in_order(pal_alpha: torch.Tensor, usage: torch.Tensor) -> torch.Tensor:
