@@ -6,11 +6,14 @@ GIL is released while a kernel runs, so one quantizer thread per core scales.
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 import numpy as np
 import torch
 
 try:  # built at install time; the torch reference stands in without it
-    from .. import _kernels  # type: ignore[attr-defined]
+    _kernels: Any = importlib.import_module("gpu_kquant._kernels")
 except ImportError:  # pragma: no cover - exercised only where the extension did not build
     _kernels = None
 

@@ -9,10 +9,13 @@ kernel runs, on one thread.
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 import torch
 
 try:  # built at install time; the torch code stands in without it
-    from .. import _imagekernels  # type: ignore[attr-defined]
+    _imagekernels: Any = importlib.import_module("gpu_kquant._imagekernels")
 except ImportError:  # pragma: no cover - exercised only where the extension did not build
     _imagekernels = None
 
