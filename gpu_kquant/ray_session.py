@@ -198,9 +198,17 @@ def task_item(task: Task) -> dict[str, Any]:
     A file name that is not UTF-8 is kept by Python with surrogate escapes, which pyarrow
     cannot encode as a string (UnicodeEncodeError, issue 12 item 5); bytes carry any name.
     """
-    return {"src": os.fsencode(task.src), "dst": os.fsencode(task.dst), "key": task.key}
+    key = task.key.encode("utf-8", "surrogateescape")  # keys are made from the same names
+    return {"src": os.fsencode(task.src), "dst": os.fsencode(task.dst), "key": key}
+
+
+def _text(value: Any) -> str:
+    """``str`` from a ``bytes``/``np.bytes_`` made by :func:`task_item`, or from a plain string."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return str(value)
 
 
 def task_from_item(src: Any, dst: Any, key: Any) -> Task:
-    """The :class:`Task` of one row made by :func:`task_item` (numpy gives ``bytes`` or ``np.bytes_``)."""
-    return Task(Path(os.fsdecode(bytes(src))), Path(os.fsdecode(bytes(dst))), str(key))
+    """The :class:`Task` of one row made by :func:`task_item` (also accepts rows with string paths)."""
+    return Task(Path(_text(src)), Path(_text(dst)), _text(key))
