@@ -194,8 +194,8 @@ def test_ctrl_c_stops_quickly_with_a_summary(tmp_path: Path, sig: signal.Signals
     """At k = 256 a k-means batch runs for seconds; the process still ends within 2 s (issue 12, item 17)."""
     src = tmp_path / "in"
     src.mkdir()
-    big = photo("astronaut")
-    for i in range(12):
+    big = np.tile(photo("astronaut"), (2, 2, 1))  # 1 MP: 48 of them take far longer than the test waits
+    for i in range(48):
         Image.fromarray(np.roll(big, i * 5, axis=0)).save(src / f"{i:02d}.png", compress_level=1)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -204,6 +204,7 @@ def test_ctrl_c_stops_quickly_with_a_summary(tmp_path: Path, sig: signal.Signals
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("*.png")):
         time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted: give it more work"
     proc.send_signal(sig)
     start = time.time()
     _, stderr = proc.communicate(timeout=60)

@@ -232,7 +232,10 @@ consts = dict.fromkeys("D SECOND SUMS TILE_K BLOCK_N UNROLL".split(), "constexpr
 sig = dict(zip(names, types), N="i32", K="i32", **consts)
 for d, tile in ((3, 0), (4, 16)):
     text = ptx(tk._nearest_kernel, sig, dict(D=d, SECOND=True, SUMS=True, TILE_K=tile, BLOCK_N=512, UNROLL=4))
-    print(d, tile, len(re.findall(r"\\bfma\\.", text)), "red.global.gpu.relaxed.add.u64" in text, "mul.rn.f32" in text)
+    # int64 atomic adds: "red." up to Triton 3.7, "atom." from 3.8 (same instruction class); never float atomics
+    ints = bool(re.search(r"\\b(?:red|atom)\\.global\\.[\\w.]*add\\.u64\\b", text))
+    floats = bool(re.search(r"\\b(?:red|atom)\\.[\\w.]*add\\.f(?:16|32|64)\\b", text))
+    print(d, tile, len(re.findall(r"\\bfma\\.", text)), ints and not floats, "mul.rn.f32" in text)
 names = "p_ptr w_ptr cl_ptr cand_ptr part_ptr".split()
 sig = dict(zip(names, ["*fp32"] * 4 + ["*fp64"]), N="i32", L="i32", NB="i32")
 sig.update(dict.fromkeys("D BLOCK_N BLOCK_L CHUNKS".split(), "constexpr"))
