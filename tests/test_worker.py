@@ -89,13 +89,13 @@ def test_a_stop_ends_a_running_k256_fit_within_two_seconds(tmp_path: Path) -> No
     """The worker's stop flag reaches k-means: no waiting for the batch, no failed row (issue 12, item 17)."""
     rng = np.random.default_rng(0)
     tasks = []
-    for i in range(2):  # many colours: the fine fit at k = 256 runs for many seconds with tol 0
+    for i in range(8):  # many colours: 8 fine fits at k = 256 in one call run for seconds with tol 0
         path = tmp_path / f"{i}.png"
         Image.fromarray(rng.integers(0, 256, (384, 384, 3), dtype=np.uint8)).save(path, compress_level=1)
         tasks.append(Task(path, tmp_path / "out" / path.name, path.name))
     stop = StopFlag()
     slow = RunSetup(FitOptions(k=256, tol=0.0, max_iter=100_000), OutputOptions())
-    worker = Worker(slow, "cpu", io_threads=2, quantizers=1, group_size=2, stop=stop)
+    worker = Worker(slow, "cpu", io_threads=2, quantizers=1, group_size=8, stop=stop)
     rows: list[object] = []
     thread = threading.Thread(target=lambda: rows.extend(worker.process(tasks)), daemon=True)
     try:
