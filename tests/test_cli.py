@@ -4,6 +4,7 @@ interrupts, and usage errors (exit 2, one line, nothing written) and warnings.""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -200,7 +201,12 @@ def test_ctrl_c_stops_quickly_with_a_summary(tmp_path: Path, sig: signal.Signals
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-m", "gpu_kquant", str(src), "-k", "256", "-o", str(out), "--quiet", "--batch-size", "1"]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell starts background jobs with SIGINT ignored, and the child would inherit that: give it the
+    # default disposition a terminal's Ctrl-C meets
+    restore = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("*.png")):
         time.sleep(0.05)
