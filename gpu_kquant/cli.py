@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import __version__
+from .argtypes import argument_type, glue_negative_values, positive, quality, shard
 from .budget import parse_size as parse_bytes
 from .control import Progress
 from .datasets.cli import add_dataset_arguments, run_datasets
@@ -39,63 +40,6 @@ __all__ = ["ENGINES", "build_parser", "command", "main", "run_options"]
 
 DEMO_OUT = Path("gpu_kquant_demo")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected I/N such as 0/4, got {text!r}") from None
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"the shard count N must be at least 1, got {text!r}")
-    if not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"the shard index I must be in 0..{count - 1} (0-based), got {text!r}")
-    return index, count
-
-
-def _glue_negative_values(argv: list[str]) -> list[str]:
-    """``--shard -1/2`` as ``--shard=-1/2``: argparse takes a value starting with '-' for a flag."""
-    out: list[str] = []
-    for arg in argv:
-        if out and out[-1] == "--shard" and arg[:1] == "-" and arg[1:2].isdigit():
-            out[-1] = f"--shard={arg}"
-        else:
-            out.append(arg)
-    return out
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _dimensions(text: str) -> tuple[int, int]:
-    try:
-        return parse_dimensions(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _bytes(text: str) -> int:
-    try:
-        return parse_bytes(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _quality(text: str) -> tuple[float, float]:
-    try:
-        low, high = (float(part) for part in text.split("-"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN-MAX in PSNR dB such as 30-40, got {text!r}") from None
-    if not 0 <= low <= high:
-        raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= MAX, got {text!r}")
-    return low, high
 
 
 def _ray_engine(job: Job, run: RunOptions, progress: Progress) -> Summary:
@@ -162,14 +106,14 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument(
         "--batch-size",
-        type=_positive,
+        type=positive,
         default=None,
         help="images per batched k-means (default: 16 on CUDA, 4 on the CPU)",
     )
-    parser.add_argument("--workers", type=_positive, default=default_workers(), help="decode and write threads each")
+    parser.add_argument("--workers", type=positive, default=default_workers(), help="decode and write threads each")
     parser.add_argument(
         "--memory-budget",
-        type=_bytes,
+        type=argument_type(parse_bytes),
         default=None,
         metavar="SIZE",
         help="decoded pixels held at once, e.g. 4G or 512M; a larger image runs alone "
@@ -185,7 +129,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--shard",
-        type=_shard,
+        type=shard,
         default=(0, 1),
         metavar="I/N",
         help="process only shard I of N, 0-based (default: all inputs)",
@@ -205,7 +149,7 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-pixels",
-        type=_positive,
+        type=positive,
         default=Image.MAX_IMAGE_PIXELS,
         help="reject larger images with a clear reason (default: Pillow's decompression-bomb limit)",
     )
@@ -230,7 +174,7 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--quality",
-        type=_quality,
+        type=quality,
         default=None,
         metavar="MIN-MAX",
         help="PSNR dB: use the smallest k up to -k reaching MAX; below MIN do not write the image",
@@ -245,9 +189,9 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
         help="write an HTML gallery (OUT/preview/index.html); for one input file, a side-by-side PNG",
     )
     parser.add_argument(
-        "--n-init", type=_positive, default=None, help="k-means++ restarts per image (default: 8 up to k=64, else 1)"
+        "--n-init", type=positive, default=None, help="k-means++ restarts per image (default: 8 up to k=64, else 1)"
     )
-    parser.add_argument("--max-iter", type=_positive, default=300, help="Lloyd iterations at most (lower is faster)")
+    parser.add_argument("--max-iter", type=positive, default=300, help="Lloyd iterations at most (lower is faster)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed and device, same output")
 
 
@@ -255,7 +199,7 @@ def _add_resize_flags(parser: argparse.ArgumentParser) -> None:
     """--resize and --resize-mode: one step before quantization for every input kind."""
     parser.add_argument(
         "--resize",
-        type=_dimensions,
+        type=argument_type(parse_dimensions),
         default=None,
         metavar="WxH",
         help="resize every image before quantizing (Lanczos, antialiased; files, folders, shards and Parquet)",
@@ -278,7 +222,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ray-workers",
-        type=_positive,
+        type=positive,
         default=None,
         metavar="N",
         help="quantize actors with --engine ray (default: one per GPU of the cluster, or 1)",
@@ -382,7 +326,7 @@ def _progress_bar(bar: tqdm) -> Progress:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
+    args = parser.parse_args(glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
     # The process entry: what this process needs, set once (library code never does). The
     # decoders enforce --max-pixels themselves with a clear per-file reason.
     configure_process(max_pixels=args.max_pixels)
