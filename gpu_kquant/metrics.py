@@ -28,6 +28,7 @@ __all__ = [
     "premultiplied",
     "premultiplied_rgba",
     "psnr",
+    "psnr_of_mse",
     "sampled_ssim",
     "ssim",
     "ssim_grid",
@@ -154,7 +155,11 @@ def _window_values(v: torch.Tensor, rgba: bool, size: int) -> torch.Tensor:
 
 def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
     """PSNR in dB of two same-shape images on the 0..255 scale (infinite when equal)."""
-    mse = float((_planes(a) - _planes(b)).square().mean())
+    return psnr_of_mse(float((_planes(a) - _planes(b)).square().mean()))
+
+
+def psnr_of_mse(mse: float) -> float:
+    """PSNR in dB of a mean squared error on the 0..255 scale (infinite for 0)."""
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 

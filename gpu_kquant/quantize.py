@@ -13,7 +13,6 @@ map to opaque entries, and entries with transparency come first in the palette.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ from .device import resolve_device
 from .dither import DITHERS, bayer_offsets, floyd_steinberg, palette_spacing
 from .fitplan import as_rgba, fit_palettes
 from .kernels import image_backend
-from .metrics import binomial_blur, pixel_error, premultiplied_rgba, sampled_ssim
+from .metrics import binomial_blur, pixel_error, premultiplied_rgba, psnr_of_mse, sampled_ssim
 from .nearest import assign, assign_with_bounds, nearest_two
 from .options import FitOptions
 from .spaces import SPACES, ColorSpace
@@ -71,12 +70,12 @@ class Quantized:
     @property
     def psnr(self) -> float:
         """Peak signal-to-noise ratio in dB (infinite for a lossless result)."""
-        return _psnr(self.mse)
+        return psnr_of_mse(self.mse)
 
     @property
     def blurred_psnr(self) -> float | None:
         """PSNR after a small blur of both images (dithered results only)."""
-        return None if self.blur_mse is None else _psnr(self.blur_mse)
+        return None if self.blur_mse is None else psnr_of_mse(self.blur_mse)
 
     def to_array(self) -> np.ndarray:
         """(H, W, C) uint8 image, ``palette[indices]``, C = 3 or 4."""
@@ -93,10 +92,6 @@ class Quantized:
         img = Image.fromarray(self.indices, "P")
         img.putpalette(self.palette.reshape(-1).tolist(), rawmode="RGBA" if self.has_alpha else "RGB")
         return img
-
-
-def _psnr(mse: float) -> float:
-    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
 def to_tensor(image: object) -> torch.Tensor:
