@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -32,6 +33,20 @@ def cli(
         env=env,
         **kwargs,
     )
+
+
+def recorded_outputs(out: Path) -> set[str]:
+    """Paths (relative to ``out``) its manifest records as written, not merely claimed.
+
+    A run killed between renaming an output into place and recording it leaves that
+    output unrecorded, and a rerun redoes it; only recorded outputs are skipped.
+    """
+    path = out / "gpu_kquant_manifest.jsonl"
+    paths = set()
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(ValueError):  # as the manifest's reader does with a torn line
+            paths.add(json.loads(line).get("path"))
+    return paths - {None}
 
 
 def cpu_and_cuda() -> tuple:

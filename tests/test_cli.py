@@ -3,7 +3,6 @@ interrupts, and usage errors (exit 2, one line, nothing written) and warnings.""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from common_utils import ROOT, cli, digest, linear_rgb_icc, photo, read_report
+from common_utils import ROOT, cli, digest, linear_rgb_icc, photo, read_report, recorded_outputs
 from PIL import Image
 
 from gpu_kquant import Palette
@@ -177,11 +176,7 @@ def test_killed_run_leaves_no_truncated_output_and_resumes(tmp_path: Path) -> No
             img.load()  # raises on a truncated file
     # An output renamed into place just before the kill, whose manifest entry was not yet
     # written, is redone; every output the manifest lists is skipped.
-    listed = set()
-    for line in (out / "gpu_kquant_manifest.jsonl").read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            listed.add(json.loads(line).get("path"))
-    listed &= {p.name for p in done}
+    listed = recorded_outputs(out) & {p.name for p in done}
     assert len(listed) >= 1
     rerun = cli(src, "-k", 16, "-o", out, "--quiet")
     assert rerun.returncode == 0, rerun.stderr

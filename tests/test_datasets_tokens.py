@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common_utils import ROOT, cli
+from common_utils import ROOT, cli, recorded_outputs
 from dataset_utils import decode, read_tar, write_shard
 
 from gpu_kquant.resize import resize
@@ -87,6 +87,11 @@ def test_a_repaired_shard_joins_the_assembled_tokens(tmp_path: Path) -> None:
     assert (out / "keys.txt").read_text().split() == [f"{i:09d}" for i in range(4)]
 
 
+def recorded_parts(out: Path) -> set[str]:
+    """The token parts (commit markers) the manifest of ``out`` records as written."""
+    return {path for path in recorded_outputs(out) if path.startswith(".gpu_kquant-tokens/")}
+
+
 def test_kill_9_then_resume_gives_identical_tokens(tmp_path: Path) -> None:
     """SIGKILL once the first shard's part is committed; the rerun's arrays equal an uninterrupted run's."""
     src = tmp_path / "shards"
@@ -101,11 +106,13 @@ def test_kill_9_then_resume_gives_identical_tokens(tmp_path: Path) -> None:
     proc = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.DEVNULL)
     parts = out / ".gpu_kquant-tokens"
     deadline = time.time() + 120
-    while time.time() < deadline and not list(parts.glob("*.json")):
+    while time.time() < deadline and not recorded_parts(out):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    done = list(parts.glob("*.json"))
+    # A part counts as committed once the manifest records it; one renamed into place but not
+    # yet recorded when the kill came is redone (the manifest cannot vouch for it).
+    done = recorded_parts(out)
     assert 1 <= len(done) < 6 and not (out / "indices.npy").exists(), "the run should have been killed midway"
     rerun = cli(src, "-o", out, *args)
     assert rerun.returncode == 0, rerun.stderr
