@@ -52,7 +52,7 @@ def pack(pixels: torch.Tensor) -> torch.Tensor:
         keys = padded.view(torch.int32)
     else:  # pragma: no cover - no big-endian CI
         wide = flat.long()
-        keys = sum(wide[:, i] << (8 * i) for i in range(channels)).to(torch.int32)
+        keys = sum((wide[:, i] << (8 * i) for i in range(1, channels)), wide[:, 0]).to(torch.int32)
     return keys.reshape(pixels.shape[:-1])
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ __all__ = [
 
 DITHERS = ("none", "fs", "adaptive", "ordered")
 
+_fs_dither_c: Callable[..., None] | None
 try:  # the C kernel, built at install time; a slow pure-Python path stands in without it
     from ._fsdither import fs_dither as _fs_dither_c
 except ImportError:  # pragma: no cover - exercised only where the extension did not build
@@ -181,8 +183,8 @@ def dither_strength(points: np.ndarray, plain: np.ndarray, edge: float) -> np.nd
     d2y = (padded[..., :-2, 1:-1] + padded[..., 2:, 1:-1] - 2 * x).abs().amax(1)
     smooth = (1.0 - torch.maximum(d2x, d2y) / edge).clamp(0.0, 1.0)
     eroded = -torch.nn.functional.max_pool2d(-smooth[None], 3, stride=1, padding=1)[0, 0].numpy()  # 3x3 erosion
-    strength = np.where(eroded > 0, FLOOR + (1 - FLOOR) * eroded, 0.0)
-    return (strength * _run_weight(plain)).astype(np.float32)
+    strength: np.ndarray = np.where(eroded > 0, FLOOR + (1 - FLOOR) * eroded, 0.0) * _run_weight(plain)
+    return strength.astype(np.float32)
 
 
 def _run_weight(plain: np.ndarray) -> np.ndarray:
@@ -196,7 +198,8 @@ def _run_weight(plain: np.ndarray) -> np.ndarray:
     agree[1:] += plain[:-1] == plain[1:]
     agree[:-1] += plain[1:] == plain[:-1]
     score += 15.0 * np.bincount(run.reshape(-1), weights=agree.reshape(-1), minlength=score.shape[0])
-    return (1.0 - 20.0 / (20.0 + score))[run].astype(np.float32)
+    weight: np.ndarray = (1.0 - 20.0 / (20.0 + score))[run].astype(np.float32)
+    return weight
 
 
 def _fs_dither_python(
@@ -246,7 +249,7 @@ def _fs_dither_python(
 
 def _sum_squares(v: np.ndarray) -> np.float32:
     """Sum of squares accumulated in float32 left to right, as the C kernel does."""
-    total = np.float32(0.0)
+    total: np.float32 = np.float32(0.0)
     for t in v:
         total = np.float32(total + t * t)
     return total

@@ -218,7 +218,7 @@ def _open(p: Path) -> Image.Image:
 _NATIVE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 
 
-def estimated_decoded_bytes(path: str | os.PathLike, *, max_pixels: int | None = None) -> int:
+def estimated_decoded_bytes(path: str | os.PathLike[str], *, max_pixels: int | None = None) -> int:
     """Peak memory, in bytes, that :func:`load_image` will need for ``path``, from its header alone.
 
     Nothing is decoded: ``width * height * (native + 4 + channels)``, that is Pillow's
@@ -230,7 +230,8 @@ def estimated_decoded_bytes(path: str | os.PathLike, *, max_pixels: int | None =
     Raises:
         DecodeError: when the header cannot be read (the same reasons as :func:`load_image`).
     """
-    with _open(Path(path)) as img:
+    img = _open(Path(path))  # not `with ... as img`: Pillow's __enter__ returns typing.Self, Any to mypy for 3.10
+    with img:
         w, h = img.size
         if max_pixels is not None and w * h > max_pixels:
             return 0
@@ -239,7 +240,7 @@ def estimated_decoded_bytes(path: str | os.PathLike, *, max_pixels: int | None =
     return w * h * (native + 4 + channels)
 
 
-def load_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Decoded:
+def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -> Decoded:
     """Decode an image file to 8-bit sRGB(A).
 
     Applies the EXIF orientation, converts an embedded ICC profile to sRGB, takes the

@@ -240,7 +240,7 @@ def _read_regular(path: Path) -> bytes:
         raise PaletteFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
-def _int_rows(rows: list, path: Path, what: str) -> np.ndarray:
+def _int_rows(rows: object, path: Path, what: str) -> np.ndarray:
     """(k, 3|4) int64 from a list of lists of Python ints in 0..255 (bool and float refused)."""
     if not isinstance(rows, list) or not rows:
         raise PaletteFileError(f"{path}: {what} must be a non-empty list of [r, g, b] or [r, g, b, a]")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,7 +66,7 @@ class Quantized:
     @property
     def has_alpha(self) -> bool:
         """Whether the palette is RGBA."""
-        return self.palette.shape[1] == 4
+        return int(self.palette.shape[1]) == 4
 
     @property
     def psnr(self) -> float:
@@ -79,11 +80,13 @@ class Quantized:
 
     def to_array(self) -> np.ndarray:
         """(H, W, C) uint8 image, ``palette[indices]``, C = 3 or 4."""
-        return self.palette[self.indices]
+        image: np.ndarray = self.palette[self.indices]
+        return image
 
     def to_rgb(self) -> np.ndarray:
         """(H, W, 3) uint8 colour channels (alpha, if any, is left out)."""
-        return self.palette[:, :3][self.indices]
+        rgb: np.ndarray = self.palette[:, :3][self.indices]
+        return rgb
 
     def to_pil(self) -> Image.Image:
         """A mode "P" image (RGBA palette when transparent) when k' <= 256, else RGB(A)."""
@@ -238,10 +241,10 @@ def _finish(
     else:
         indices = remap[pixel_labels].to(index_dtype)
     similarity = sampled_ssim(pixels, palette, indices)
-    indices = indices.cpu().numpy()
+    host = indices.cpu().numpy()
     if index_dtype != torch.uint8:
-        indices = indices.astype(np.uint16)
-    return Quantized(palette.cpu().numpy(), indices, mse, blur_mse, similarity)
+        host = host.astype(np.uint16)
+    return Quantized(palette.cpu().numpy(), host, mse, blur_mse, similarity)
 
 
 def _map_dithered(
@@ -440,7 +443,7 @@ def quantize(
     *,
     device: str | torch.device | None = None,
     seed: int = 0,
-    **options: object,
+    **options: Any,
 ) -> Quantized:
     """Quantize one image to at most k colours; options as in :func:`quantize_batch`."""
     return quantize_batch([image], k, device=device, seed=seed, **options)[0]

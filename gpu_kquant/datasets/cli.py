@@ -133,8 +133,9 @@ def _report_path(args: argparse.Namespace, options: DatasetOptions, mixed: bool)
     """``--report``, else OUT/gpu_kquant_report.jsonl; a run that also has image files gets its own name."""
     index, count = args.shard
     tag = ("" if count == 1 else f".shard-{index}-of-{count}") + (".datasets" if mixed else "")
-    if args.report is not None:
-        return args.report.with_name(args.report.stem + tag + args.report.suffix) if mixed else args.report
+    report: Path | None = args.report
+    if report is not None:
+        return report.with_name(report.stem + tag + report.suffix) if mixed else report
     return options.out / f"gpu_kquant_report{tag}.jsonl"
 
 

@@ -43,7 +43,8 @@ def run_shards_ray(
     if started:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
     try:
-        n_gpus = 1 if gpus and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        # ray leaves cluster_resources() unannotated (a dict of resource name to amount).
+        n_gpus = 1 if gpus and ray.cluster_resources().get("GPU", 0) >= 1 else 0  # type: ignore[no-untyped-call]
         task_options = dataclasses.replace(options, device="cuda" if n_gpus else "cpu", workers=1)
         task = ray.remote(num_cpus=1, num_gpus=n_gpus, max_retries=RETRIES)(process_shard)
         refs = {task.remote(shard, task_options): shard for shard in shards}

@@ -112,7 +112,7 @@ def run_shards(
     """
     stop = stop or threading.Event()
     with ThreadPoolExecutor(max(1, parallel), thread_name_prefix="shards") as pool:
-        pending: set[Future] = set()
+        pending: set[Future[list[Row]]] = set()
         queue = list(reversed(shards))
         while queue or pending:
             while queue and len(pending) < max(1, parallel) and not stop.is_set():

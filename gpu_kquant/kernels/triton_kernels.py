@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import triton
@@ -58,6 +59,12 @@ _PRE_REDUCE_MAX_K, _PRE_REDUCE_TILE = 32, 16
 _UNROLL = 4
 _NUM_WARPS = 4
 
+# Triton ships no type information (no py.typed), so its decorator is typed here; a launch,
+# kernel[grid](...), stays dynamic: Triton checks its arguments itself. Kernel parameters carry
+# no Python types (hence the no-untyped-def ignores below): Triton reads a kernel's parameter
+# annotations as its own signature (tl.constexpr, "i32", "*fp32") and specialises on them.
+_jit: Callable[[Callable[..., object]], Any] = triton.jit
+
 
 @contextlib.contextmanager
 def _on(device: torch.device) -> Iterator[None]:
@@ -69,14 +76,14 @@ def _on(device: torch.device) -> Iterator[None]:
         yield
 
 
-@triton.jit
-def _coord(p, offs, mask, d: tl.constexpr, D: tl.constexpr):
+@_jit
+def _coord(p, offs, mask, d: tl.constexpr, D: tl.constexpr):  # type: ignore[no-untyped-def]
     # Coordinate d of each point; when d >= D, coordinate d % D stands in (and is never used).
     return tl.load(p + offs * D + d % D, mask=mask, other=0.0)
 
 
-@triton.jit
-def _dist(x0, x1, x2, x3, p, offs, mask, c, cidx, cmask, D: tl.constexpr):
+@_jit
+def _dist(x0, x1, x2, x3, p, offs, mask, c, cidx, cmask, D: tl.constexpr):  # type: ignore[no-untyped-def]
     # Squared distance of points (x0..x3, or p[offs] beyond 4 coordinates) to centres
     # c[cidx], summed in index order. cidx is a scalar (one centre) or a row of centres.
     t = x0 - tl.load(c + cidx * D, mask=cmask, other=0.0)
@@ -96,8 +103,8 @@ def _dist(x0, x1, x2, x3, p, offs, mask, c, cidx, cmask, D: tl.constexpr):
     return acc
 
 
-@triton.jit
-def _add_sums(label, offs, mask, qx, qw, sums, mass, K, D: tl.constexpr, TILE_K: tl.constexpr):
+@_jit
+def _add_sums(label, offs, mask, qx, qw, sums, mass, K, D: tl.constexpr, TILE_K: tl.constexpr):  # type: ignore[no-untyped-def]
     # Adds the block's fixed-point coordinates and weights to its clusters' int64 sums.
     w = tl.load(qw + offs, mask=mask, other=0)
     if TILE_K == 0:
@@ -119,8 +126,8 @@ def _add_sums(label, offs, mask, qx, qw, sums, mass, K, D: tl.constexpr, TILE_K:
                 tl.atomic_add(sums + cols * D + d, part, mask=(cols < K) & (part != 0), sem="relaxed")
 
 
-@triton.jit
-def _nearest_kernel(
+@_jit
+def _nearest_kernel(  # type: ignore[no-untyped-def]
     p_ptr, c_ptr, lab_ptr, d2_ptr, d2nd_ptr, qx_ptr, qw_ptr, sums_ptr, mass_ptr, N, K,
     D: tl.constexpr, SECOND: tl.constexpr, SUMS: tl.constexpr, TILE_K: tl.constexpr,
     BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
@@ -153,8 +160,8 @@ def _nearest_kernel(
                   TILE_K)  # fmt: skip
 
 
-@triton.jit
-def _kpp_partial_kernel(
+@_jit
+def _kpp_partial_kernel(  # type: ignore[no-untyped-def]
     p_ptr, w_ptr, cl_ptr, cand_ptr, part_ptr, N, L, NB,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKS: tl.constexpr,
 ):  # fmt: skip
@@ -182,8 +189,8 @@ def _kpp_partial_kernel(
         tl.store(part_ptr + (b * NB + blk) * L + ls, tl.sum(acc, axis=0), mask=lm)
 
 
-@triton.jit
-def _sum_blocks_kernel(part_ptr, out_ptr, L, NB, BLOCK_L: tl.constexpr):
+@_jit
+def _sum_blocks_kernel(part_ptr, out_ptr, L, NB, BLOCK_L: tl.constexpr):  # type: ignore[no-untyped-def]
     # out[b, l] = sum of part[b, :, l] in block order (sequential: trailing zero blocks change nothing).
     b = tl.program_id(1).to(tl.int64)
     ls = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -194,8 +201,8 @@ def _sum_blocks_kernel(part_ptr, out_ptr, L, NB, BLOCK_L: tl.constexpr):
     tl.store(out_ptr + b * L + ls, acc, mask=lm)
 
 
-@triton.jit
-def _min_update_kernel(p_ptr, c_ptr, cl_ptr, out_ptr, N, D: tl.constexpr, BLOCK_N: tl.constexpr):
+@_jit
+def _min_update_kernel(p_ptr, c_ptr, cl_ptr, out_ptr, N, D: tl.constexpr, BLOCK_N: tl.constexpr):  # type: ignore[no-untyped-def]
     b = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < N
