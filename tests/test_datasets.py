@@ -263,3 +263,20 @@ def test_shared_palette_of_a_dataset_never_replaces_a_users_file(tmp_path: Path)
     result = cli(tmp_path / "a.tar", "-o", out, "--palette", "shared", "--overwrite", "--quiet")
     assert result.returncode == 2 and "palette.gpl exists and was not written by gpu_kquant" in result.stderr
     assert (out / "palette.gpl").read_text() == "my palette\n" and not (out / "a.tar").exists()
+
+
+def test_a_second_run_into_the_same_output_is_refused_before_any_work(tmp_path: Path) -> None:
+    """While another run holds OUT's lock: exit 2 with one line, no traceback, no shared palette fitted."""
+    from gpu_kquant.report import RunLock
+
+    write_shard(tmp_path / "a.tar", 0, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = RunLock(out / "gpu_kquant_report.jsonl").acquire()  # as the other run's process would hold it
+    try:
+        result = cli(tmp_path / "a.tar", "-o", out, "--palette", "shared", "--output-format", "tokens", "--quiet")
+    finally:
+        lock.release()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "another gpu_kquant run is writing" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == []

@@ -21,7 +21,7 @@ from ..imagefiles import IMAGE_EXTENSIONS
 from ..options import FitOptions
 from ..palette import Palette
 from ..planning import remove_stale_temps, shard_of
-from ..report import ReportWriter, Summary, new_run_id
+from ..report import ReportWriter, RunLock, Summary, check_report_path, new_run_id
 from .options import OUTPUT_FORMATS, QUALITY_TOKENS, DatasetOptions
 from .run import default_parallel, run_shards, shared_palette
 from .shard import output_path
@@ -85,8 +85,8 @@ def _palette(
         parser.error(f"cannot read palette {args.palette}: {exc}")
 
 
-def _options(args: argparse.Namespace, parser: argparse.ArgumentParser, shards: list[Shard]) -> DatasetOptions:
-    """Typed options from the flags; fits the shared palette when asked for (it needs every shard)."""
+def _base_options(args: argparse.Namespace, parser: argparse.ArgumentParser, shards: list[Shard]) -> DatasetOptions:
+    """Typed options from the flags, before the palette (fitting a shared one waits for the run's lock)."""
     if args.quality is not None and args.output_format == "tokens":  # before a shared palette is fitted
         parser.error(QUALITY_TOKENS)
     if args.quality is not None and args.palette is not None:
@@ -97,7 +97,7 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser, shards: 
         out = base.parent / f"{base.resolve().name}_k{args.k}"
     cuda = torch.cuda.is_available()
     try:
-        common = DatasetOptions(
+        return DatasetOptions(
             out=out,
             fit=FitOptions(k=args.k, space=args.space, seed=args.seed, n_init=args.n_init, max_iter=args.max_iter),
             image_format=args.format,
@@ -114,7 +114,16 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser, shards: 
             run_id=new_run_id(),  # the report's, also on the manifest's lines (the shared palette's first)
             run_shard=tuple(args.shard),
         )
-        palette = _palette(args, parser, shards, common)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def _options(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, shards: list[Shard], common: DatasetOptions
+) -> DatasetOptions:
+    """The options with the output format and palette; fits the shared palette when asked for (it needs every shard)."""
+    palette = _palette(args, parser, shards, common)
+    try:
         options = dataclasses.replace(
             common,
             output_format=args.output_format,
@@ -127,6 +136,15 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser, shards: 
         if output_path(shard, options).resolve() == shard.path.resolve():
             parser.error(f"the output of {shard.path} would overwrite it; choose another -o")
     return options
+
+
+def _lock_run(parser: argparse.ArgumentParser, report: Path, shards: list[Shard]) -> RunLock:
+    """Check the report path and take the run's lock, or a usage error (exit 2) naming the cause."""
+    try:
+        check_report_path(report, [s.path for s in shards])
+        return RunLock(report).acquire()  # the report writer takes it again (re-entrant in a process)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def _report_path(args: argparse.Namespace, options: DatasetOptions, mixed: bool) -> Path:
@@ -148,12 +166,22 @@ def run_datasets(args: argparse.Namespace, parser: argparse.ArgumentParser) -> t
     shards, rest = _collect(args, parser)
     if not shards:
         return None, rest
-    options = _options(args, parser, shards)
+    common = _base_options(args, parser, shards)
+    report_path = _report_path(args, common, bool(rest))
+    lock = _lock_run(parser, report_path, shards)  # before the shared palette is fitted and saved in OUT
+    try:
+        return _run_locked(args, shards, _options(args, parser, shards, common), report_path), rest
+    finally:
+        lock.release()
+
+
+def _run_locked(args: argparse.Namespace, shards: list[Shard], options: DatasetOptions, path: Path) -> int:
+    """Run the shards of this ``--shard`` under the run's lock; the exit code."""
     index, count = args.shard
     mine = [s for s in shards if count == 1 or shard_of(s.name, count) == index]
     remove_stale_temps([options.out])
     summary = Summary()
-    report = ReportWriter(_report_path(args, options, bool(rest)), summary, run_id=options.run_id)
+    report = ReportWriter(path, summary, run_id=options.run_id)
     parallel = default_parallel(options.device)
     threads = torch.get_num_threads()
     if options.device == "cpu" and parallel > 1:
@@ -186,5 +214,5 @@ def run_datasets(args: argparse.Namespace, parser: argparse.ArgumentParser) -> t
         print(line, file=sys.stderr)
     print(f"  report: {report.path}", file=sys.stderr)
     if summary.interrupted:
-        return EXIT_INTERRUPTED, rest
-    return (EXIT_FAILED if summary.failed else EXIT_OK), rest
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if summary.failed else EXIT_OK
