@@ -33,7 +33,7 @@ from .planning import MANIFEST_PREFIX, Job, JobError, plan_job
 from .process import configure_process
 from .report import RunLock, Summary, check_report_path
 from .resize import parse_size as parse_dimensions
-from .runsetup import check_palette_files
+from .runsetup import check_palette_files, claim_preview_files
 from .spaces import SPACES
 
 __all__ = ["ENGINES", "build_parser", "command", "main", "run_options"]
@@ -353,6 +353,7 @@ def _main_images(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             check_report_path(job.report, [t.src for t in job.tasks if t.src.name == job.report.name])
             check_palette_files(job, run)  # a user's palette.json in -o is neither reused nor replaced
             run_lock = RunLock(job.report).acquire()  # held to the end; refuses a concurrent run (exit 2)
+            claim_preview_files(job, run)  # a user's X.preview.png or preview/ is never replaced
         except ValueError as exc:
             parser.error(str(exc))
         with tqdm(total=len(job.tasks), unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True) as bar:

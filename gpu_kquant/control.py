@@ -121,7 +121,8 @@ class StageClock:
 def open_report(job: Job, setup: RunSetup, summary: Summary) -> ReportWriter:
     """The report writer of a run, with the preview gallery attached when asked for."""
     summary.ignored = job.ignored
-    gallery = Gallery(setup.preview.folder) if setup.preview is not None else None
+    target = setup.preview
+    gallery = Gallery(target.folder) if target is not None and not target.side_by_side else None
     return ReportWriter(job.report, summary, gallery)
 
 

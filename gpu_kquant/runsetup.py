@@ -21,6 +21,7 @@ from .manifest import Manifest
 from .options import FitOptions, OutputOptions, RunOptions
 from .palette import ColorHistogram, Palette
 from .planning import Job, JobError, Task, all_shards, plan_tasks
+from .preview import ENTRIES as GALLERY_MARKER
 
 __all__ = [
     "PALETTE_FILES",
@@ -28,8 +29,11 @@ __all__ = [
     "PreviewTarget",
     "RunSetup",
     "check_palette_files",
+    "claim_preview_files",
+    "preview_target",
     "resolve_palette",
     "setup_run",
+    "side_by_side_path",
 ]
 
 PALETTE_FILES = ("palette.json", "palette.npy", "palette.gpl")
@@ -44,6 +48,63 @@ class PreviewTarget:
 
     folder: Path
     side_by_side: bool
+
+
+def side_by_side_path(dst: Path) -> Path:
+    """The side-by-side preview of the output ``dst``: ``X.preview.png`` beside it."""
+    return dst.with_name(dst.stem + ".preview.png")
+
+
+def preview_target(job: Job, run: RunOptions) -> PreviewTarget | None:
+    """Where this run's previews go (``--preview``), or None."""
+    if not run.output.preview:
+        return None
+    if len(run.inputs) == 1 and run.inputs[0].is_file() and job.tasks:
+        return PreviewTarget(job.tasks[0].dst.parent, side_by_side=True)
+    return PreviewTarget(job.out_dir / "preview", side_by_side=False)
+
+
+def claim_preview_files(job: Job, run: RunOptions) -> None:
+    """Claim where ``--preview`` writes in the output folder's manifest, so that a rerun may replace it.
+
+    The side-by-side PNG of one input file is claimed itself; a gallery folder is claimed
+    through its ``entries.jsonl`` (every file in a gallery folder is gpu_kquant's).
+
+    Raises:
+        ValueError: the side-by-side PNG, or a non-empty gallery folder, exists and was not
+            written by gpu_kquant (the manifest does not list it): nothing there is replaced,
+            even with ``--overwrite`` (the CLI's usage error, exit 2).
+    """
+    target = preview_target(job, run)
+    if target is None:
+        return
+    if target.side_by_side:
+        paths = [side_by_side_path(job.tasks[0].dst)]
+    else:
+        paths = [target.folder / GALLERY_MARKER, target.folder / "index.html"]
+    roots = [job.out_dir] if run.output.out is not None else job.roots  # the outputs' manifests (open_manifest)
+    manifest = Manifest(roots, {"preview": target.side_by_side}, "", run.engine.shard)
+    try:
+        reason = _foreign_preview(manifest, target, paths[0])
+        if reason is not None:
+            raise ValueError(reason)
+        manifest.claim(paths)  # before the writes: known as ours to every later run
+    finally:
+        manifest.close()
+
+
+def _foreign_preview(manifest: Manifest, target: PreviewTarget, marker: Path) -> str | None:
+    """Why the preview cannot be written where ``target`` says (a file not gpu_kquant's), or None."""
+    if target.side_by_side:
+        if manifest.foreign_reason(marker) is None:
+            return None
+        return f"preview {marker} exists and was not written by gpu_kquant; move it or choose another -o"
+    folder = target.folder
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None if not folder.exists() or folder.is_dir() else f"preview folder {folder} is a file; move it"
+    if marker.exists() and manifest.foreign_reason(marker) is None:
+        return None
+    return f"preview folder {folder} exists and is not a gpu_kquant gallery; move it or choose another -o"
 
 
 @dataclass(frozen=True)
@@ -162,13 +223,7 @@ def resolve_palette(job: Job, run: RunOptions, device: torch.device, histogram: 
 
 def setup_run(job: Job, run: RunOptions, device: torch.device, histogram: HistogramPass) -> RunSetup:
     """Decide the fixed palette and the preview target of a planned run."""
-    single_file = len(run.inputs) == 1 and run.inputs[0].is_file()
-    preview = None
-    if run.output.preview:
-        if single_file and job.tasks:
-            preview = PreviewTarget(job.tasks[0].dst.parent, side_by_side=True)
-        else:
-            preview = PreviewTarget(job.out_dir / "preview", side_by_side=False)
+    preview = preview_target(job, run)
     palette = resolve_palette(job, run, device, histogram)
     fit = run.fit if palette is None else dataclasses.replace(run.fit, k=len(palette))
     engine = run.engine

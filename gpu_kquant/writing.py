@@ -21,7 +21,7 @@ from .preview import side_by_side, thumbnail_pair
 from .quantize import Quantized
 from .report import Row
 from .rows import failed_row
-from .runsetup import PreviewTarget, RunSetup
+from .runsetup import PreviewTarget, RunSetup, side_by_side_path
 
 __all__ = ["Item", "add_preview", "quality_guard", "size_guard", "write_result"]
 
@@ -100,7 +100,7 @@ def add_preview(item: Item, result: Quantized, target: PreviewTarget, row: Row) 
     pixels = item.decoded.pixels
     quantized = result.to_array() if pixels.shape[2] == 4 or result.has_alpha else result.to_rgb()
     if target.side_by_side:
-        side_by_side(pixels, quantized, item.task.dst.with_name(item.task.dst.stem + ".preview.png"))
+        side_by_side(pixels, quantized, side_by_side_path(item.task.dst))
         return
     thumbs = thumbnail_pair(pixels, quantized, target.folder, os.fspath(item.task.dst))  # unique, unlike the key
     row.preview = {

@@ -116,3 +116,41 @@ def test_inputs_with_one_name_get_their_own_thumbnails(tmp_path: Path) -> None:
         mean = np.asarray(Image.open(out / "preview" / thumb).convert("RGB")).reshape(-1, 3).mean(0)
         seen.add(min(means, key=lambda n: float(np.abs(means[n] - mean).sum())))
     assert seen == {"chelsea", "coffee"}
+
+
+def test_a_users_files_where_previews_go_are_never_replaced(tmp_path: Path) -> None:
+    """A side-by-side PNG or gallery folder gpu_kquant did not write: exit 2, one line, the file kept."""
+    src = tmp_path / "cat.png"
+    Image.fromarray(photo("chelsea")[:64, :80]).save(src)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cat.preview.png").write_bytes(b"mine")
+    (out / "index.html").write_bytes(b"mine too")
+    refused = cli(src, "-k", 8, "-o", out, "--preview", "--quiet", "--overwrite")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "cat.preview.png exists and was not written by gpu_kquant" in refused.stderr
+    assert (out / "cat.preview.png").read_bytes() == b"mine"
+    (out / "cat.preview.png").unlink()
+    for _ in range(2):  # the second run replaces its own side-by-side PNG
+        result = cli(src, "-k", 8, "-o", out, "--preview", "--quiet", "--overwrite")
+        assert result.returncode == 0, result.stderr
+        assert Image.open(out / "cat.preview.png").size == (2 * 80 + 8, 64)
+    assert (out / "index.html").read_bytes() == b"mine too"  # one input file: no gallery beside it
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(src, folder / "cat.png")
+    (out / "preview").mkdir()
+    (out / "preview" / "index.html").write_bytes(b"mine")
+    refused = cli(folder, "-k", 8, "-o", out, "--preview", "--quiet")
+    assert refused.returncode == 2 and "is not a gpu_kquant gallery" in refused.stderr
+    assert (out / "preview" / "index.html").read_bytes() == b"mine"
+
+
+def test_a_rerun_renders_its_own_gallery_again(previewed: Path) -> None:
+    """The gallery folder a run made is claimed in the manifest: the next run may write it."""
+    out = previewed.parent
+    before = (previewed / "index.html").read_text()
+    result = cli(out.parent / "in", "-k", 16, "-o", out, "--preview", "--quiet", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert (previewed / "index.html").read_text().count("<img") == before.count("<img") > 0
