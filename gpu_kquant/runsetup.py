@@ -17,7 +17,7 @@ import torch
 
 from .fitting import fit_shared_palette
 from .imagefiles import TEMP_PREFIX
-from .manifest import Manifest
+from .manifest import CURRENT, Manifest
 from .options import FitOptions, OutputOptions, RunOptions
 from .palette import ColorHistogram, Palette
 from .planning import Job, JobError, Task, all_shards, plan_tasks
@@ -184,9 +184,9 @@ def _save_palette(palette: Palette, out_dir: Path, manifest: Manifest) -> None:
 def resolve_palette(job: Job, run: RunOptions, device: torch.device, histogram: HistogramPass) -> Palette | None:
     """The fixed palette of this run (``--palette FILE`` or ``shared``), or None.
 
-    A shared palette already saved in the output folder is reused (so a resumed run
-    maps to the same palette); otherwise it is fitted on the histogram of every input,
-    over all shards (``histogram`` runs that pass: local threads, or Ray), and saved as
+    A shared palette already saved in the output folder, intact and fitted with these fit
+    options, is reused (so a resumed run maps to the same palette); otherwise it is fitted
+    on the histogram of every input, over all shards (``histogram`` runs that pass: local threads, or Ray), and saved as
     palette.json, palette.npy and palette.gpl, each recorded in the output folder's manifest.
 
     Raises:
@@ -208,7 +208,7 @@ def resolve_palette(job: Job, run: RunOptions, device: torch.device, histogram: 
         if reason is not None:
             raise JobError(reason)
         saved = job.out_dir / PALETTE_FILES[0]
-        if saved.exists() and not run.output.overwrite:
+        if not run.output.overwrite and manifest.verdict(saved) == CURRENT:  # intact, fitted with these options
             return Palette.load(saved)
         everything, _, _ = plan_tasks(all_shards(run))
         hist = histogram(everything, run, device)

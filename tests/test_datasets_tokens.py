@@ -168,3 +168,17 @@ def test_tokens_never_replace_a_users_files(tmp_path: Path) -> None:
     assert np.load(out / "indices.npy").shape[0] == 2
     rerun = cli(tmp_path / "a.tar", *args)
     assert rerun.returncode == 0 and "1 skipped" in rerun.stderr, rerun.stderr
+
+
+def test_a_rerun_with_another_k_refits_the_shared_palette(tmp_path: Path) -> None:
+    """-k 8 then -k 16 into one OUT: the second run fits 16 colours and redoes every part, not reuses 8."""
+    src = tmp_path / "shards"
+    for s in range(2):
+        write_shard(src / f"{s:05d}.tar", 4 * s, 4)
+    args = ["--palette", "shared", "--output-format", "tokens", "--resize", "8x8", "--resize-mode", "fill", "--quiet"]
+    out = tmp_path / "out"
+    assert cli(src, "-o", out, "-k", 8, *args).returncode == 0
+    rerun = cli(src, "-o", out, "-k", 16, *args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert np.load(out / "palette.npy").shape == (16, 3) and "8 ok" in rerun.stderr
+    assert int(np.load(out / "indices.npy").max()) >= 8

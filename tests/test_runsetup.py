@@ -50,3 +50,17 @@ def test_shared_palette_never_replaces_a_users_file(tmp_path: Path) -> None:
     result = cli(src, "-k", 8, "-o", out, "--palette", "shared", "--overwrite", "--quiet")
     assert result.returncode == 0, result.stderr
     assert (out / "palette.gpl").read_text().startswith("GIMP Palette")
+
+
+def test_a_rerun_with_other_fit_options_refits_the_shared_palette(tmp_path: Path) -> None:
+    """A saved palette is reused only when fitted with these options: -k 8 then -k 16 gives 16 colours."""
+    import json
+
+    src = small_folder(tmp_path)
+    out = tmp_path / "out"
+    assert cli(src, "-k", 8, "-o", out, "--palette", "shared", "--quiet").returncode == 0
+    result = cli(src, "-k", 16, "-o", out, "--palette", "shared", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads((out / "palette.json").read_text())["colors"]) == 16
+    assert "3 ok" in result.stderr  # the outputs were redone with the new palette
+    assert {(len(plte(p)) - 8) // 3 for p in out.glob("*.png")} == {16}  # length and type, then RGB

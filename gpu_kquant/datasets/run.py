@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..manifest import Manifest
+from ..manifest import CURRENT, Manifest
 from ..palette import ColorHistogram, Palette
 from ..report import Row
 from ..resize import resize_decoded
@@ -34,7 +34,7 @@ PALETTE_FILES = ("palette.json", "palette.npy", "palette.gpl")
 
 
 def shared_palette(shards: list[Shard], options: DatasetOptions) -> Palette:
-    """The one palette of ``--palette shared``: reused from ``OUT/palette.json``, else fitted and saved.
+    """The one palette of ``--palette shared``: reused from ``OUT/palette.json`` (intact, same fit), else fitted.
 
     The palette files are gpu_kquant's only when the manifest of ``OUT`` lists them: a file
     of that name it did not write is neither reused nor replaced (a ValueError, the CLI's
@@ -56,7 +56,7 @@ def shared_palette(shards: list[Shard], options: DatasetOptions) -> Palette:
                     f"{', '.join(PALETTE_FILES)} there); move it or choose another -o"
                 )
         saved = options.out / PALETTE_FILES[0]
-        if saved.exists() and not options.overwrite:
+        if not options.overwrite and manifest.verdict(saved) == CURRENT:  # intact, fitted with these options
             return Palette.load(saved)
         return _fit_shared(shards, options, manifest)
     finally:
