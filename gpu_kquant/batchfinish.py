@@ -40,9 +40,9 @@ __all__ = ["FORCE", "TILE", "Mapped", "applies", "finish_batch"]
 # Use the batched finish on any device, not only CUDA (tests set it to run it on CPU tensors).
 FORCE = False
 
-# Colour points per row of the batched assignment. A row never mixes images, so each image
-# wastes under one row of padding; 4096 points x 3 float32 is 48 KB, enough for the Triton
-# kernel's blocks to fill a row (not measured on a GPU yet: issue 11's gpu_check should).
+# Colour points per row of the batched assignment (at least the largest palette's size). A
+# row never mixes images, so each image wastes under one row of padding; 4096 points is many
+# blocks of the Triton kernel per row (not measured on a GPU yet: issue 11's gpu_check should).
 TILE = 4096
 
 
@@ -87,10 +87,12 @@ class _Sizes:
 
 
 def _sizes(images: Sequence[torch.Tensor], sets: Sequence[ColorSet], palettes: Sequence[torch.Tensor]) -> _Sizes:
-    colours = [len(cs) for cs in sets]
-    tile = min(TILE, 1 << max(0, max(colours) - 1).bit_length())
+    colours, entries = [len(cs) for cs in sets], [int(p.shape[0]) for p in palettes]
+    # Each row carries a copy of its palette: rows of at least k_max points keep the copies
+    # no larger than the points (k = 65536 would otherwise copy 0.8 MB per 4096 points).
+    tile = min(max(TILE, max(entries)), 1 << max(0, max(colours) - 1).bit_length())
     pixels = [int(t.shape[0]) * int(t.shape[1]) for t in images]
-    return _Sizes(colours, [int(p.shape[0]) for p in palettes], pixels, tile)
+    return _Sizes(colours, entries, pixels, tile)
 
 
 def _padded(x: torch.Tensor, length: int) -> torch.Tensor:
