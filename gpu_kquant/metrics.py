@@ -30,8 +30,10 @@ __all__ = [
     "psnr",
     "psnr_of_mse",
     "sampled_ssim",
+    "sampled_ssim_tensor",
     "ssim",
     "ssim_grid",
+    "ssim_window",
 ]
 
 
@@ -107,6 +109,18 @@ def _grid_windows(img: torch.Tensor, step: int) -> torch.Tensor:
 def sampled_ssim(
     original: torch.Tensor, palette: torch.Tensor, indices: torch.Tensor, *, max_windows: int = MAX_WINDOWS
 ) -> float:
+    """:func:`sampled_ssim_tensor` as a float."""
+    return float(sampled_ssim_tensor(original, palette, indices, max_windows=max_windows))
+
+
+def sampled_ssim_tensor(
+    original: torch.Tensor,
+    palette: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    max_windows: int = MAX_WINDOWS,
+    window: torch.Tensor | None = None,
+) -> torch.Tensor:
     """SSIM of an image and its palette version ``palette[indices]``, at window centres on a grid.
 
     Each window's statistic is exactly :func:`ssim`'s (Gaussian sigma 1.5, 11x11,
@@ -121,6 +135,10 @@ def sampled_ssim(
     Args:
         original: (H, W, C) uint8, C = 3 or 4.
         palette: (k, C') uint8; indices: (H, W) integer, on the same device.
+        window: :func:`ssim_window` on the device, to upload it once for many images.
+
+    Returns:
+        0-d float64 on the device (no host sync when ``window`` is given).
     """
     h, w = indices.shape
     if original.shape[:2] != indices.shape:
@@ -133,15 +151,20 @@ def sampled_ssim(
         step = ssim_grid(h, w, max_windows)
         x = _grid_windows(original, step).permute(2, 0, 1, 3, 4).reshape(original.shape[2], -1)  # (C, n * 121)
         idx = _grid_windows(indices[..., None], step).reshape(-1)
-        g = _gaussian_kernel(1.5).to(original.device)
-        weight = (g[:, None] * g[None, :]).reshape(-1)  # (121,), sums to 1
+        weight = ssim_window(original.device) if window is None else window
     # Both sides as (C, n * window) float64: the palette side is looked up from a float64 palette.
     x, y = (_window_values(v, rgba, weight.shape[0]) for v in (x.double(), palette.double().t()[:, idx.long()]))
     mu_x, mu_y = x @ weight, y @ weight
     var_x, var_y, cov = (x * x) @ weight - mu_x**2, (y * y) @ weight - mu_y**2, (x * y) @ weight - mu_x * mu_y
     c1, c2 = (0.01 * 255.0) ** 2, (0.03 * 255.0) ** 2
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return float(s.mean())
+    return s.mean()
+
+
+def ssim_window(device: torch.device) -> torch.Tensor:
+    """Weights (121,) float64 of :func:`sampled_ssim`'s 11x11 Gaussian window, sums to 1, on ``device``."""
+    g = _gaussian_kernel(1.5).to(device)
+    return (g[:, None] * g[None, :]).reshape(-1)
 
 
 def _window_values(v: torch.Tensor, rgba: bool, size: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .batchfinish import applies, finish_batch
 from .colors import ColorSet, color_sets, pixel_color_set, pixel_lookup
 from .device import resolve_device
 from .dither import DITHERS, bayer_offsets, floyd_steinberg, palette_spacing
@@ -396,6 +397,8 @@ def quantize_batch(
     tensors = [to_tensor(img).to(dev, non_blocking=True) for img in images]
     sets = color_sets(tensors)
     fitted = fit_palettes(sets, fit, dev)
+    if applies(dev, tensors, palettes := [pal for pal, _ in fitted], dither):  # the whole batch at once (issue 11)
+        return [Quantized(*m) for m in finish_batch(tensors, sets, palettes, sp, fit.stop)]
     out = []
     for t, cs, (pal, b) in zip(tensors, sets, fitted):
         check_stop(fit.stop)  # mapping a large image takes seconds at k = 256
