@@ -14,7 +14,19 @@ _FLAGS = ["-O3", "-fno-wrapv", "-ffp-contract=off", "-fno-math-errno"]
 setup(
     ext_modules=[
         Extension("gpu_kquant._fsdither", ["gpu_kquant/_fsdither.c"], optional=True),
-        Extension("gpu_kquant._kernels", ["gpu_kquant/_kernels.c"], extra_compile_args=_FLAGS, optional=True),
-        Extension("gpu_kquant._imagekernels", ["gpu_kquant/_imagekernels.c"], extra_compile_args=_FLAGS, optional=True),
+        Extension(
+            "gpu_kquant._kernels",
+            ["gpu_kquant/_kernels.c"],
+            depends=["gpu_kquant/_buffers.h"],
+            extra_compile_args=_FLAGS,
+            optional=True,
+        ),
+        Extension(
+            "gpu_kquant._imagekernels",
+            ["gpu_kquant/_imagekernels.c"],
+            depends=["gpu_kquant/_buffers.h"],
+            extra_compile_args=_FLAGS,
+            optional=True,
+        ),
     ]
 )

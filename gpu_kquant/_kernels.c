@@ -16,6 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_buffers.h"
+
 /* Points per tile: 256 points x (D + 3) floats stay in L1 (measured fastest of
  * 64..1024 at D = 3 on a 2-core EPYC). */
 #define TILE 256
@@ -134,27 +136,6 @@ static void tile_nearest(const float *restrict soa, int n, int d, const float *r
     }
 }
 
-typedef struct {
-    Py_buffer view;
-    int held;
-} Buf;
-
-static int get(PyObject *obj, Buf *b, Py_ssize_t items, Py_ssize_t itemsize, int writable, const char *name) {
-    b->held = 0;
-    if (obj == Py_None) return 0;
-    if (PyObject_GetBuffer(obj, &b->view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) return -1;
-    b->held = 1;
-    if (b->view.itemsize != itemsize || b->view.len != items * itemsize) {
-        PyErr_Format(PyExc_ValueError, "%s: expected %zd items of %zd bytes", name, items, itemsize);
-        return -1;
-    }
-    return 0;
-}
-
-static void release(Buf *bufs, int n) {
-    for (int i = 0; i < n; i++)
-        if (bufs[i].held) PyBuffer_Release(&bufs[i].view);
-}
 
 static int check_dims(int b, int n, int k, int d) {
     if (b < 0 || n < 0 || k < 1 || d < 1 || d > MAX_DIM) {
