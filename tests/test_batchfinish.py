@@ -234,3 +234,15 @@ def test_syncs_per_batch_do_not_grow_with_the_batch(monkeypatch: pytest.MonkeyPa
     assert few_batched == many_batched == ["cpu", "numpy"]  # the one download
     # The counter sees the per-image path's syncs, which grow with the batch.
     assert len(many_per_image) > len(few_per_image) >= 2 * 2
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("k", [16, 256])
+def test_on_cuda_the_batched_finish_equals_the_per_image_path(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU (where it is the default) against the per-image finish on the same device."""
+    images = mixed_images()
+    batched_result = quantize_batch(images, k, device="cuda")
+    monkeypatch.setattr(quantize, "applies", lambda *args: False)
+    per_image = quantize_batch(images, k, device="cuda")
+    for a, b in zip(per_image, batched_result):
+        assert_same(a, b)
