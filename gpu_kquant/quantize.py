@@ -365,10 +365,9 @@ def quantize_batch(
             transparency and shares the rest between opaque and translucent colours.
         space: colour space of the fit and of the mapping: ``"rgb"`` (sRGB, best
             PSNR), ``"oklab"`` or ``"lab"`` (CIELAB D65, best CIEDE2000).
-        dither: ``"none"``, ``"fs"`` (serpentine Floyd-Steinberg with error clamping,
-            on the CPU) or ``"ordered"`` (8x8 Bayer, on the device).
-        palette: map to this fixed palette instead of fitting one (a
-            :class:`gpu_kquant.Palette` or a (k, 3|4) uint8 array); ``k`` is ignored.
+        dither: ``"none"``, ``"fs"`` / ``"adaptive"`` (serpentine Floyd-Steinberg, on the
+            CPU; see :mod:`gpu_kquant.dither`) or ``"ordered"`` (8x8 Bayer, on the device).
+        palette: a fixed palette to map to (:class:`gpu_kquant.Palette` or (k, 3|4) uint8); ``k`` ignored.
         device: where to compute; ``None`` picks CUDA when available.
         seed: seed of each image's own random stream: an image's result does not
             depend on which other images share its batch.
@@ -376,11 +375,10 @@ def quantize_batch(
             seed set; the best two by inertia are refined on the fine set and the
             lower inertia wins. Default: :func:`gpu_kquant.options.auto_n_init`.
         max_iter, tol: Lloyd stopping rule (see :func:`gpu_kquant.kmeans.kmeans`).
-        options: all fit settings as one :class:`gpu_kquant.options.FitOptions` (k,
-            space, seed, n_init, max_iter, tol, max_fit_points); when given, those
-            keywords are ignored.
+        options: all fit settings as one :class:`gpu_kquant.options.FitOptions`; when
+            given, the fit keywords (k, space, seed, n_init, max_iter, tol, max_fit_points) are ignored.
         max_fit_points: colour sets with more colours are fitted on a 6-bit histogram
-            (see :func:`gpu_kquant.fitplan._plan`). Default: :func:`gpu_kquant.options.auto_fit_points`.
+            (:func:`gpu_kquant.fitplan._plan`). Default: :func:`gpu_kquant.options.auto_fit_points`.
 
     Returns:
         One :class:`Quantized` per image, in order. An image with at most k distinct
