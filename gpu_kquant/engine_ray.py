@@ -56,7 +56,7 @@ from .ray_histogram import ray_histogram
 from .ray_session import Stalled, batches_within, connected, from_items, ray_settings, task_from_item, task_item
 from .report import Row, Summary
 from .rows import failed_row, precheck
-from .runsetup import PALETTE_FILES, RunSetup, setup_run
+from .runsetup import RunSetup, setup_run, shared_palette_to_fit
 from .worker import Worker
 
 __all__ = [
@@ -270,8 +270,7 @@ def cluster_resources() -> tuple[int, int]:
 
 def _needs_ray(job: Job, run: RunOptions, inputs: set[Path]) -> bool:
     """Whether there is work for Ray: a shared palette to fit or an input whose output is to be (re)done."""
-    saved = job.out_dir / PALETTE_FILES[0]
-    if run.output.palette == "shared" and (run.output.overwrite or not saved.exists()):
+    if shared_palette_to_fit(job, run):
         return True
     setup = setup_run(job, run, _driver_device(run.engine), ray_histogram)  # no histogram: no palette to fit
     manifest = open_manifest(job, run, setup, "")  # only read here

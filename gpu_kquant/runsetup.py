@@ -8,7 +8,6 @@ constructor). Options never change after the CLI built them; decided values live
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,15 +15,14 @@ from pathlib import Path
 import torch
 
 from .fitting import fit_shared_palette
-from .imagefiles import TEMP_PREFIX
-from .manifest import CURRENT, Manifest
+from .manifest import Manifest
 from .options import FitOptions, OutputOptions, RunOptions
 from .palette import ColorHistogram, Palette
 from .planning import Job, JobError, Task, all_shards, plan_tasks
 from .preview import ENTRIES as GALLERY_MARKER
+from .sharedpalette import foreign_palette_file, reusable_palette, save_palette
 
 __all__ = [
-    "PALETTE_FILES",
     "HistogramPass",
     "PreviewTarget",
     "RunSetup",
@@ -33,10 +31,9 @@ __all__ = [
     "preview_target",
     "resolve_palette",
     "setup_run",
+    "shared_palette_to_fit",
     "side_by_side_path",
 ]
-
-PALETTE_FILES = ("palette.json", "palette.npy", "palette.gpl")
 
 HistogramPass = Callable[[list[Task], RunOptions, torch.device], ColorHistogram]
 """The ``--palette shared`` first pass of an engine: every input's colours summed exactly."""
@@ -141,17 +138,6 @@ def _palette_manifest(run: RunOptions, out_dir: Path) -> Manifest:
     return Manifest([out_dir], {"shared_palette": dataclasses.asdict(run.fit)}, "", run.engine.shard)
 
 
-def _foreign_palette_file(manifest: Manifest, out_dir: Path) -> str | None:
-    """Why the shared palette's files in ``out_dir`` cannot be used: one is not gpu_kquant's; else None."""
-    for name in PALETTE_FILES:
-        if manifest.foreign_reason(out_dir / name) is not None:
-            return (
-                f"{out_dir / name} exists and was not written by gpu_kquant (--palette shared writes "
-                f"{', '.join(PALETTE_FILES)} there); move it or choose another -o"
-            )
-    return None
-
-
 def check_palette_files(job: Job, run: RunOptions) -> None:
     """Refuse a ``--palette shared`` run whose output folder holds a palette file gpu_kquant did not write.
 
@@ -163,22 +149,23 @@ def check_palette_files(job: Job, run: RunOptions) -> None:
     if run.output.palette != "shared":
         return
     manifest = _palette_manifest(run, job.out_dir)
-    reason = _foreign_palette_file(manifest, job.out_dir)
+    reason = foreign_palette_file(manifest, job.out_dir)
     manifest.close()
     if reason is not None:
         raise ValueError(reason)
 
 
-def _save_palette(palette: Palette, out_dir: Path, manifest: Manifest) -> None:
-    """Write palette.json, .npy and .gpl atomically (a temporary name renamed into place), each in the manifest."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in PALETTE_FILES:
-        suffix = Path(name).suffix
-        tmp = (out_dir / f"{TEMP_PREFIX}{os.getpid()}-{name}").with_suffix(suffix)
-        palette.save(tmp)
-        manifest.claim([out_dir / name])  # before the rename: a kill right after leaves it known as ours
-        os.replace(tmp, out_dir / name)
-        manifest.record_file(out_dir / name)
+def shared_palette_to_fit(job: Job, run: RunOptions) -> bool:
+    """Whether this run fits a shared palette (``--palette shared`` with none to reuse)."""
+    if run.output.palette != "shared":
+        return False
+    manifest = _palette_manifest(run, job.out_dir)
+    try:
+        return reusable_palette(manifest, job.out_dir, run.output.overwrite) is None
+    except ValueError:  # a foreign file: resolve_palette says so
+        return True
+    finally:
+        manifest.close()
 
 
 def resolve_palette(job: Job, run: RunOptions, device: torch.device, histogram: HistogramPass) -> Palette | None:
@@ -204,18 +191,18 @@ def resolve_palette(job: Job, run: RunOptions, device: torch.device, histogram: 
             raise JobError(f"cannot read palette {path}: {exc}") from None
     manifest = _palette_manifest(run, job.out_dir)
     try:
-        reason = _foreign_palette_file(manifest, job.out_dir)
-        if reason is not None:
-            raise JobError(reason)
-        saved = job.out_dir / PALETTE_FILES[0]
-        if not run.output.overwrite and manifest.verdict(saved) == CURRENT:  # intact, fitted with these options
-            return Palette.load(saved)
+        try:
+            saved = reusable_palette(manifest, job.out_dir, run.output.overwrite)
+        except ValueError as exc:
+            raise JobError(str(exc)) from None
+        if saved is not None:
+            return saved
         everything, _, _ = plan_tasks(all_shards(run))
         hist = histogram(everything, run, device)
         if hist.pixels == 0:
             raise JobError("no decodable image to fit a shared palette on")
         palette = fit_shared_palette(hist, run.fit, device)
-        _save_palette(palette, job.out_dir, manifest)
+        save_palette(palette, job.out_dir, manifest)
         return palette
     finally:
         manifest.close()

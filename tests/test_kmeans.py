@@ -7,6 +7,7 @@ import itertools
 import pickle
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -260,34 +261,40 @@ def test_cuda_matches_cpu_labels() -> None:
 # -- a cooperative stop (issue 12, item 17) ---------------------------------------------------------------------------
 
 
-def fit_in_thread(stop: StopFlag, stats: bool) -> tuple[threading.Thread, list[object]]:
-    """A k = 256 fit on 4 x 65,536 colours that runs for seconds (tol 0: until no label changes)."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand((4, 65536, 3), generator=gen) * 255
+def run_in_thread(call: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    """Start ``call`` on a daemon thread; its result or its :class:`Stopped` lands in the list."""
     outcome: list[object] = []
 
-    def fit() -> None:
+    def run() -> None:
         try:
-            outcome.append(kmeans(x, 256, init=x[:, :256], tol=0, max_iter=100_000, stats=stats, stop=stop))
+            outcome.append(call())
         except Stopped as exc:
             outcome.append(exc)
 
-    thread = threading.Thread(target=fit, daemon=True)
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, outcome
 
 
-@pytest.mark.parametrize("stats", [False, True], ids=["whole-loop kernel", "python loop"])
-def test_a_stop_flag_ends_a_long_fit_within_two_seconds(stats: bool) -> None:
-    stop = StopFlag()
-    thread, outcome = fit_in_thread(stop, stats)
+def assert_stops_quickly(stop: StopFlag, thread: threading.Thread, outcome: list[object]) -> None:
+    """Still running after 0.5 s; once ``stop`` is set, ended with :class:`Stopped` within 2 s."""
     time.sleep(0.5)
-    assert thread.is_alive(), "the fit should still be running"
+    assert thread.is_alive(), "the call should still be running"
     stop.set()
     start = time.perf_counter()
-    thread.join(10)
+    thread.join(60)
     assert time.perf_counter() - start < 2.0
     assert len(outcome) == 1 and isinstance(outcome[0], Stopped), outcome
+
+
+@pytest.mark.parametrize("stats", [False, True], ids=["whole-loop kernel", "python loop"])
+def test_a_stop_flag_ends_a_long_fit_within_two_seconds(stats: bool) -> None:
+    """A k = 256 fit on 4 x 65,536 colours that runs for seconds (tol 0: until no label changes)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((4, 65536, 3), generator=gen) * 255
+    stop = StopFlag()
+    fit = run_in_thread(lambda: kmeans(x, 256, init=x[:, :256], tol=0, max_iter=100_000, stats=stats, stop=stop))
+    assert_stops_quickly(stop, *fit)
 
 
 def test_a_set_flag_stops_before_seeding_and_through_the_fit_options() -> None:
@@ -319,20 +326,6 @@ def test_a_stop_flag_ends_a_long_seeding_within_two_seconds() -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.rand((4, 65536, 3), generator=gen) * 255
     u = km._uniforms(0, [0, 1, 2, 3], (512, km.kpp_candidates(512)), torch.device("cpu"))
-    stop, outcome = StopFlag(), []
-
-    def seed() -> None:
-        try:
-            outcome.append(km.kmeans_plusplus(x, torch.ones(4, 65536), 512, u, stop))
-        except Stopped as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=seed, daemon=True)
-    thread.start()
-    time.sleep(0.5)
-    assert thread.is_alive(), "the seeding should still be running"
-    stop.set()
-    start = time.perf_counter()
-    thread.join(60)
-    assert time.perf_counter() - start < 2.0
-    assert len(outcome) == 1 and isinstance(outcome[0], Stopped), outcome
+    stop = StopFlag()
+    seeding = run_in_thread(lambda: km.kmeans_plusplus(x, torch.ones(4, 65536), 512, u, stop))
+    assert_stops_quickly(stop, *seeding)

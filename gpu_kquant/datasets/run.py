@@ -11,26 +11,23 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from pathlib import Path
 
 import numpy as np
 
-from ..manifest import CURRENT, Manifest
+from ..manifest import Manifest
 from ..palette import ColorHistogram, Palette
 from ..report import Row
 from ..resize import resize_decoded
+from ..sharedpalette import reusable_palette, save_palette
 from .codec import DecodeError, decode_bytes, fit_kwargs
 from .options import DatasetOptions
 from .resume import open_dataset_manifest
 from .samples import ShardError
 from .shard import process_shard, read_shard
-from .sinks import finish, open_temp
 from .sources import Shard
 from .tokens import assemble
 
-__all__ = ["PALETTE_FILES", "assemble_run", "run_shards", "shared_palette"]
-
-PALETTE_FILES = ("palette.json", "palette.npy", "palette.gpl")
+__all__ = ["assemble_run", "run_shards", "shared_palette"]
 
 
 def shared_palette(shards: list[Shard], options: DatasetOptions) -> Palette:
@@ -49,15 +46,9 @@ def shared_palette(shards: list[Shard], options: DatasetOptions) -> Palette:
     """
     manifest = open_dataset_manifest(options)
     try:
-        for name in PALETTE_FILES:
-            if manifest.foreign_reason(options.out / name) is not None:
-                raise ValueError(
-                    f"{options.out / name} exists and was not written by gpu_kquant (--palette shared writes "
-                    f"{', '.join(PALETTE_FILES)} there); move it or choose another -o"
-                )
-        saved = options.out / PALETTE_FILES[0]
-        if not options.overwrite and manifest.verdict(saved) == CURRENT:  # intact, fitted with these options
-            return Palette.load(saved)
+        saved = reusable_palette(manifest, options.out, options.overwrite)
+        if saved is not None:
+            return saved
         return _fit_shared(shards, options, manifest)
     finally:
         manifest.close()
@@ -81,16 +72,7 @@ def _fit_shared(shards: list[Shard], options: DatasetOptions, manifest: Manifest
     if hist.pixels == 0:
         raise ValueError("no decodable image to fit a shared palette on")
     palette = Palette.fit(hist, options.fit.k, device=options.device, **fit_kwargs(options.fit))
-    options.out.mkdir(parents=True, exist_ok=True)
-    for name in PALETTE_FILES:
-        f, tmp = open_temp(options.out)
-        f.close()
-        final = tmp.with_suffix(Path(name).suffix)
-        palette.save(final)
-        tmp.unlink(missing_ok=True)
-        manifest.claim([options.out / name])
-        finish(final, options.out / name)
-        manifest.record_file(options.out / name)
+    save_palette(palette, options.out, manifest)
     return palette
 
 
