@@ -2,4 +2,5 @@
 
 from .cli import command
 
-command()
+if __name__ == "__main__":  # a spawned device process imports this module as __mp_main__
+    command()

@@ -112,6 +112,14 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=positive, default=default_workers(), help="decode and write threads each")
     parser.add_argument(
+        "--processes",
+        type=positive,
+        default=None,
+        metavar="N",
+        help="spawned processes per device, each with its share of the cores (default: one per GPU "
+        "when there are several, else the run stays in this process)",
+    )
+    parser.add_argument(
         "--memory-budget",
         type=argument_type(parse_bytes),
         default=None,
@@ -263,6 +271,8 @@ def run_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Ru
         parser.error("--demo quantizes the bundled samples; give no INPUT with it")
     if args.quality is not None and args.palette is not None:
         parser.error("--quality picks k per image and --palette fixes the colours; use one of them")
+    if args.processes is not None and args.engine != "local":
+        parser.error("--processes is for --engine local (Ray places its own actors; see --ray-workers)")
     k_given = args.k is not None
     args.k = 16 if args.k is None else args.k
     out = args.out
@@ -306,6 +316,7 @@ def run_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Ru
         shard=args.shard,
         ray_address=args.ray_address,
         ray_workers=args.ray_workers,
+        processes=args.processes,
     )
     return RunOptions(tuple(inputs), fit, output, engine)
 

@@ -193,6 +193,8 @@ class EngineOptions:
         shard: ``(index, count)``: process only this deterministic part of the inputs.
         ray_address: Ray cluster to join (``None``: start a local Ray).
         ray_workers: quantize actors on Ray (``None``: one per GPU, or 1).
+        processes: local engine: spawned processes per device (``None``: one per GPU when
+            there are several, else none: the run's threads stay in this process).
     """
 
     engine: str = "local"
@@ -205,8 +207,11 @@ class EngineOptions:
     shard: tuple[int, int] = (0, 1)
     ray_address: str | None = None
     ray_workers: int | None = None
+    processes: int | None = None
 
     def __post_init__(self) -> None:
+        if self.processes is not None and self.processes < 1:
+            raise ValueError(f"processes must be at least 1, got {self.processes}")
         if self.memory_budget is not None and self.memory_budget < 1:
             raise ValueError(f"memory_budget must be a positive number of bytes, got {self.memory_budget}")
 

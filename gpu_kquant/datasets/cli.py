@@ -89,6 +89,8 @@ def _base_options(args: argparse.Namespace, parser: argparse.ArgumentParser, sha
     """Typed options from the flags, before the palette (fitting a shared one waits for the run's lock)."""
     if args.quality is not None and args.output_format == "tokens":  # before a shared palette is fitted
         parser.error(QUALITY_TOKENS)
+    if args.processes is not None:
+        parser.error("--processes is for image files; shards and Parquet files run in this process")
     if args.quality is not None and args.palette is not None:
         parser.error("--quality picks k per image and --palette fixes the colours; use one of them")
     out = args.out
