@@ -103,7 +103,7 @@ def timed(fn: Callable[[], object], device: Any, reps: int, budget_s: float, war
 
 
 def transfer_rates(s: Sizes, device: Any) -> list[dict[str, Any]]:
-    """H2D and D2H GB/s from pinned and pageable host memory."""
+    """H2D and D2H GB/s from pinned and pageable host memory, and the upload overlap (:func:`upload_overlap`)."""
     import torch
 
     if device.type != "cuda":
@@ -116,7 +116,52 @@ def transfer_rates(s: Sizes, device: Any) -> list[dict[str, Any]]:
         h2d = timed(functools.partial(gpu.copy_, host, non_blocking=pinned), device, 5, 5.0)
         d2h = timed(functools.partial(host.copy_, gpu, non_blocking=pinned), device, 5, 5.0)
         rows.append({"memory": "pinned" if pinned else "pageable", "h2d_gbs": n / h2d / 1e9, "d2h_gbs": n / d2h / 1e9})
-    return rows
+    return [*rows, upload_overlap(s, device)]
+
+
+def _work(image: Any, passes: int) -> Any:
+    """A stand-in for a batch's k-means: ``passes`` elementwise passes over it on the device."""
+    x = image.float()
+    for _ in range(passes):
+        x = x * 1.0001 + 0.5
+    return x.sum()
+
+
+def upload_overlap(s: Sizes, device: Any) -> dict[str, Any]:
+    """Four batches uploaded and worked on: one after the other, then overlapped as the worker does.
+
+    The overlapped run queues batch i+1's upload on the Stager's copy stream before batch i's
+    work (:mod:`gpu_kquant.staging`); the work is sized to take about as long as an upload.
+    """
+    from gpu_kquant.staging import Stager
+
+    label = "pinned, copy stream (4 batches)"
+    if device.type != "cuda":
+        return {"memory": label, "note": SKIP_CUDA}
+    stager = Stager(device)
+    side = int(((s.transfer_mb << 20) // 4 // 3) ** 0.5)
+    hosts = [stager.stage(np.full((side, side, 3), i, np.uint8)) for i in range(4)]
+    upload = timed(functools.partial(hosts[0].to, device, non_blocking=True), device, 5, 5.0)
+    first = hosts[0].to(device)
+    passes = max(1, round(upload / timed(functools.partial(_work, first, 1), device, 5, 5.0)))
+
+    def serial() -> None:
+        for host in hosts:
+            _work(host.to(device, non_blocking=True), passes)
+
+    def overlapped() -> None:
+        pending = stager.upload(hosts[:1])
+        for i in range(len(hosts)):
+            (image,) = pending.take()
+            if i + 1 < len(hosts):
+                pending = stager.upload(hosts[i + 1 : i + 2])
+            _work(image, passes)
+
+    one_by_one, both = timed(serial, device, 5, 5.0), timed(overlapped, device, 5, 5.0)
+    hidden = 100 * (one_by_one - both) / (len(hosts) * upload)
+    note = f"upload then work {one_by_one * 1e3:.1f} ms, overlapped {both * 1e3:.1f} ms"
+    note += f": {hidden:.0f}% of the uploads hidden ({passes} work passes ~ one upload)"
+    return {"memory": label, "h2d_gbs": len(hosts) * side * side * 3 / both / 1e9, "note": note}
 
 
 def _triton_module(device: Any) -> tuple[Any, str]:

@@ -7,6 +7,8 @@ a whole :class:`~gpu_kquant.options.FitOptions`: ``quantize_batch`` takes it who
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -17,12 +19,16 @@ from .quantize import Quantized, map_to_palette, quantize_batch
 __all__ = ["fit_shared_palette", "map_images", "quantize_images", "reach_quality"]
 
 
-def quantize_images(images: list[np.ndarray], fit: FitOptions, *, dither: str, device: torch.device) -> list[Quantized]:
-    """One batched quantization of (H, W, 3|4) uint8 images, dithering included, on ``device``."""
+def quantize_images(
+    images: Sequence[np.ndarray | torch.Tensor], fit: FitOptions, *, dither: str, device: torch.device
+) -> list[Quantized]:
+    """One batched quantization of (H, W, 3|4) uint8 images (arrays or tensors), dithering included, on ``device``."""
     return quantize_batch(images, dither=dither, device=device, options=fit)
 
 
-def map_images(images: list[np.ndarray], palette: Palette, *, dither: str, device: torch.device) -> list[Quantized]:
+def map_images(
+    images: Sequence[np.ndarray | torch.Tensor], palette: Palette, *, dither: str, device: torch.device
+) -> list[Quantized]:
     """Map (H, W, 3|4) uint8 images to a fixed palette (in the palette's own space), dithering included."""
     return map_to_palette(images, palette.colors, space=palette.space, dither=dither, device=device)
 
@@ -33,7 +39,7 @@ def fit_shared_palette(hist: ColorHistogram, fit: FitOptions, device: torch.devi
 
 
 def reach_quality(
-    pixels: np.ndarray, fit: FitOptions, target: float, *, dither: str, device: torch.device
+    pixels: np.ndarray | torch.Tensor, fit: FitOptions, target: float, *, dither: str, device: torch.device
 ) -> Quantized:
     """The result at the smallest k up to ``fit.k`` whose PSNR reaches ``target`` dB.
 

@@ -6,6 +6,10 @@ preview (:func:`gpu_kquant.writing.write_result`). Decoding and writing run on
 ``io_threads`` threads (Pillow and zlib release the GIL); quantization runs on
 ``quantizers`` threads (one on CUDA, one per core on the CPU), one group of images per
 batched k-means. A bad file only ever gives a failed row.
+
+On CUDA the decode threads also copy the pixels into pinned memory, and a group's upload is
+queued on a copy stream as soon as the group is formed, so it overlaps the group before it
+(:mod:`gpu_kquant.staging`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 import numpy as np
@@ -30,12 +34,14 @@ from .report import Row
 from .resize import resize_decoded
 from .rows import decode_failure_row, failed_row
 from .runsetup import RunSetup
+from .staging import Stager, Uploaded
 from .stopping import StopFlag, Stopped
 from .writing import Item, write_result
 
 __all__ = ["Item", "Worker", "add_pixel_shares", "quantize_items", "read_task"]
 
 Result = Quantized | Exception
+Pixels = Sequence[np.ndarray | torch.Tensor]
 RowSink = Callable[[Row], None]
 
 
@@ -53,7 +59,7 @@ def read_task(task: Task, max_pixels: int | None, resize: ResizeOptions | None =
     return Item(task, decoded, task.src.stat().st_size, time.perf_counter() - t0)
 
 
-def _quantize(pixels: list[np.ndarray], setup: RunSetup, device: torch.device) -> list[Quantized]:
+def _quantize(pixels: Pixels, setup: RunSetup, device: torch.device) -> list[Quantized]:
     dither = setup.output.dither
     if setup.palette is not None:
         return map_images(pixels, setup.palette, dither=dither, device=device)
@@ -63,15 +69,19 @@ def _quantize(pixels: list[np.ndarray], setup: RunSetup, device: torch.device) -
     return quantize_images(pixels, setup.fit, dither=dither, device=device)
 
 
-def quantize_items(items: list[Item], setup: RunSetup, device: torch.device) -> list[Result]:
+def quantize_items(
+    items: list[Item], setup: RunSetup, device: torch.device, pixels: Pixels | None = None
+) -> list[Result]:
     """One batched quantization (fixed palette, ``--quality`` search or a fit per image).
 
-    A failing batch is retried image by image, so only the culprit gets an exception.
+    ``pixels`` are the items' (H, W, C) uint8 pixels already uploaded (default: their
+    decoded arrays). A failing batch is retried image by image, so only the culprit gets an exception.
 
     Raises:
         Stopped: ``setup.fit.stop`` was set (no image failed; the run is stopping).
     """
-    pixels = [item.decoded.pixels for item in items]
+    if pixels is None:
+        pixels = [item.decoded.pixels for item in items]
     try:
         return list(_quantize(pixels, setup, device))
     except Stopped:
@@ -108,6 +118,8 @@ class Worker:
             between iterations (a :class:`~gpu_kquant.stopping.StopFlag` also inside the
             CPU kernels; a plain event is checked by the Python loops only).
         clock: where stage seconds are added.
+        staging: stage and upload through :class:`~gpu_kquant.staging.Stager` (a pass-through
+            on the CPU), through the given one, or (``False``) not at all.
     """
 
     def __init__(
@@ -120,6 +132,7 @@ class Worker:
         group_size: int | None = None,
         stop: threading.Event | None = None,
         clock: StageClock | None = None,
+        staging: bool | Stager = True,
     ) -> None:
         self.device = resolve_device(device)
         self.quantizers = quantizers or quantizer_threads(self.device)
@@ -127,6 +140,7 @@ class Worker:
         self.stop = stop if stop is not None else StopFlag()
         self.setup = dataclasses.replace(setup, fit=dataclasses.replace(setup.fit, stop=self.stop))
         self.clock = clock or StageClock()
+        self._stager = Stager(self.device) if staging is True else staging or None
         self._io = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="gpu_kquant-io")
         self._quantize_pool = ThreadPoolExecutor(self.quantizers, thread_name_prefix="gpu_kquant-quantize")
 
@@ -134,16 +148,27 @@ class Worker:
         """The decoded task, or its failed row."""
         t0 = time.perf_counter()
         try:
-            return read_task(task, self.setup.max_pixels, self.setup.output.resize)
+            return self._stage(read_task(task, self.setup.max_pixels, self.setup.output.resize))
         except Exception as exc:
             return decode_failure_row(task, self.setup.fit.k, exc)
         finally:
             self.clock.add("decode", time.perf_counter() - t0)
 
-    def quantize(self, group: list[Item]) -> list[Result]:
-        """Quantize one group; each item is charged its pixel share of the time."""
+    def _stage(self, item: Item) -> Item:
+        """``item`` with its pixels staged for the upload (on the decode thread that read it)."""
+        if self._stager is None:
+            return item
+        item.staged = self._stager.stage(item.decoded.pixels)
+        if item.staged.data_ptr() != item.decoded.pixels.ctypes.data:
+            # A pinned copy: the writer reads it too, so the pageable array is freed and the
+            # host holds the pixels once (as the memory budget assumes).
+            item.decoded.pixels = item.staged.numpy()
+        return item
+
+    def quantize(self, group: list[Item], pixels: Pixels | None = None) -> list[Result]:
+        """Quantize one group (``pixels``: uploaded already); each item is charged its pixel share of the time."""
         t0 = time.perf_counter()
-        results = quantize_items(group, self.setup, self.device)
+        results = quantize_items(group, self.setup, self.device, pixels)
         seconds = time.perf_counter() - t0
         add_pixel_shares(group, seconds)
         self.clock.add("quantize", seconds)
@@ -186,7 +211,8 @@ class Worker:
         if self.quantizers > 1:  # a short call (the last one) still keeps every thread busy
             size = even_group_size(size, len(items), self.quantizers)
         groups = batch_groups(items, size, self.setup.batch_pixels, lambda pair: pair[1].pixels)
-        quantized = [self._quantize_pool.submit(self._quantize_unless_stopped, g) for g in groups]
+        # Each group's upload is queued as it is submitted: it runs while earlier groups compute.
+        quantized = [self._quantize_pool.submit(self._quantize_unless_stopped, g, self._upload(g)) for g in groups]
         writes: list[tuple[int, Future[Row]]] = []
         for group, future in zip(groups, quantized):
             results = future.result()
@@ -204,10 +230,16 @@ class Worker:
             on_row(row)
         return row
 
-    def _quantize_unless_stopped(self, group: list[tuple[int, Item]]) -> list[Result] | None:
+    def _upload(self, group: list[tuple[int, Item]]) -> Uploaded | None:
+        staged = [item.staged for _, item in group]
+        if self._stager is None or any(t is None for t in staged):
+            return None
+        return self._stager.upload([t for t in staged if t is not None])
+
+    def _quantize_unless_stopped(self, group: list[tuple[int, Item]], uploaded: Uploaded | None) -> list[Result] | None:
         if self.stop.is_set():
             return None
-        return self.quantize([item for _, item in group])
+        return self.quantize([item for _, item in group], None if uploaded is None else uploaded.take())
 
     def close(self) -> None:
         """Shut the threads down: wait for them, or after a stop drop what is queued."""

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .imagefiles import Decoded, encode, write_atomic
 from .manifest import content_hash
 from .metrics import mean_ciede2000
@@ -32,6 +34,8 @@ class Item:
 
     Attributes:
         seconds: time spent on it so far (decode, then its pixel share of the batch's quantization).
+        staged: the pixels as a (H, W, C) uint8 CPU tensor to upload from (pinned on CUDA:
+            :meth:`gpu_kquant.staging.Stager.stage`); ``None`` when not staged.
     """
 
     task: Task
@@ -39,6 +43,7 @@ class Item:
     input_bytes: int
     seconds: float = 0.0
     pixels: int = field(init=False)
+    staged: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.pixels = int(self.decoded.pixels.shape[0] * self.decoded.pixels.shape[1])
