@@ -56,8 +56,15 @@ def default_batch_size(device: torch.device | str) -> int:
     return _DEFAULT_BATCH.get(kind, _DEFAULT_BATCH["cpu"])
 
 
+# Quantizer threads per GPU, each owning a CUDA stream (gpu_kquant.worker): while one thread does
+# its batch's host-side work (planning, launches, the few syncs; the GIL is released while it
+# waits on the device), the other's kernels keep the GPU busy. Issue 11 asks for one or two;
+# not yet measured on a GPU (benchmarks/gpu_check.py's pipeline step will show whether it pays).
+_CUDA_QUANTIZERS = 2
+
+
 def quantizer_threads(device: torch.device | str, cpus: int | None = None) -> int:
-    """Quantizer threads for one device: one on CUDA; on the CPU one per core.
+    """Quantizer threads for one device: two stream-owning threads on CUDA; on the CPU one per core.
 
     Multi-threaded torch ops wait at a barrier for every thread, so any other busy
     thread on the machine (our own decoders included) stalls every op; single-threaded
@@ -65,17 +72,18 @@ def quantizer_threads(device: torch.device | str, cpus: int | None = None) -> in
     entry makes torch single-threaded (:func:`gpu_kquant.process.configure_process`).
     """
     if torch.device(device).type == "cuda":
-        return 1
+        return _CUDA_QUANTIZERS
     return max(1, cpus if cpus is not None else os.cpu_count() or 1)
 
 
 def call_size(group_size: int, quantizers: int, device: torch.device | str) -> int:
-    """Tasks per worker call: one group on a GPU; on the CPU two groups per quantizer thread.
+    """Tasks per worker call: one group per quantizer thread on a GPU; on the CPU two.
 
-    A call waits for its slowest thread, so two groups per thread even the threads out.
+    A call waits for its slowest thread, so on the CPU two groups per thread even the
+    threads out; a GPU's calls overlap (three in flight), which does the same.
     """
     if torch.device(device).type == "cuda":
-        return group_size
+        return group_size * quantizers
     return group_size * quantizers * 2
 
 

@@ -4,7 +4,7 @@ For each task: decode and ``--resize`` (:func:`read_task`), quantize in batches 
 dithering included (:func:`quantize_items`), then guards, atomic write, CIEDE2000 and
 preview (:func:`gpu_kquant.writing.write_result`). Decoding and writing run on
 ``io_threads`` threads (Pillow and zlib release the GIL); quantization runs on
-``quantizers`` threads (one on CUDA, one per core on the CPU), one group of images per
+``quantizers`` threads (two on CUDA, each with its own stream; one per core on the CPU), one group of images per
 batched k-means. A bad file only ever gives a failed row.
 
 On CUDA the decode threads also copy the pixels into pinned memory, and a group's upload is
@@ -14,6 +14,7 @@ queued on a copy stream as soon as the group is formed, so it overlaps the group
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -143,6 +144,7 @@ class Worker:
         self._stager = Stager(self.device) if staging is True else staging or None
         self._io = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="gpu_kquant-io")
         self._quantize_pool = ThreadPoolExecutor(self.quantizers, thread_name_prefix="gpu_kquant-quantize")
+        self._streams = threading.local()  # each quantizer thread's CUDA stream, made on first use
 
     def read(self, task: Task) -> Item | Row:
         """The decoded task, or its failed row."""
@@ -239,7 +241,17 @@ class Worker:
     def _quantize_unless_stopped(self, group: list[tuple[int, Item]], uploaded: Uploaded | None) -> list[Result] | None:
         if self.stop.is_set():
             return None
-        return self.quantize([item for _, item in group], None if uploaded is None else uploaded.take())
+        with self._own_stream():
+            return self.quantize([item for _, item in group], None if uploaded is None else uploaded.take())
+
+    def _own_stream(self) -> contextlib.AbstractContextManager[object]:
+        """On CUDA, this quantizer thread's own stream: two threads' batches run side by side."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        return torch.cuda.stream(stream)
 
     def close(self) -> None:
         """Shut the threads down: wait for them, or after a stop drop what is queued."""

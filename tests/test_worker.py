@@ -63,6 +63,27 @@ def test_grouping_does_not_change_any_output(tmp_path: Path) -> None:
     assert digest(tmp_path / "one") == digest(tmp_path / "four") and len(digest(tmp_path / "one")) == 5
 
 
+@pytest.mark.needs_cuda
+def test_on_cuda_two_stream_owning_quantizers_write_what_one_writes(tmp_path: Path) -> None:
+    streams: set[int] = set()
+    for out, quantizers in (("one", 1), ("two", 2)):
+        worker = Worker(setup(), "cuda", io_threads=2, quantizers=quantizers, group_size=1)
+        quantize = worker.quantize
+
+        def record_stream(*args: object, _q: object = quantize) -> object:
+            streams.add(torch.cuda.current_stream().cuda_stream)
+            return _q(*args)  # type: ignore[operator]
+
+        worker.quantize = record_stream  # type: ignore[method-assign]
+        try:
+            worker.process(tasks_for(tmp_path, out))
+        finally:
+            worker.close()
+    assert digest(tmp_path / "one") == digest(tmp_path / "two") and len(digest(tmp_path / "one")) == 5
+    default = torch.cuda.default_stream().cuda_stream
+    assert default not in streams and len(streams) >= 2  # never the default stream; a stream per thread
+
+
 def test_a_stopped_worker_writes_nothing_more(tmp_path: Path) -> None:
     stop = threading.Event()
     stop.set()
