@@ -10,6 +10,7 @@ when it has them (:func:`gpu_kquant.kernels.image_backend`), the torch code here
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 import threading
 from collections.abc import Sequence
@@ -21,9 +22,11 @@ from .kernels import image_backend
 from .reduce import FixedPointSums, fixed_point_scales
 
 __all__ = [
+    "Binned",
     "ColorSet",
     "batched_color_sets",
     "bin_colors",
+    "bin_colors_many",
     "color_set",
     "color_sets",
     "lookup",
@@ -258,3 +261,47 @@ def bin_colors(
     corners = torch.zeros((n_bins, channels), dtype=torch.uint8, device=colors.device)
     corners[inverse] = (coarse << (8 - bits)).to(torch.uint8)
     return means[0].float(), bin_counts, inverse, corners
+
+
+Binned = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""What :func:`bin_colors` returns: bin means, bin counts, each colour's bin, bin corners."""
+
+
+def bin_colors_many(sets: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], bits: int) -> list[Binned]:
+    """:func:`bin_colors` of several ``(colors, counts, points)`` sets of one channel count, equal to it per set.
+
+    Per set, the number of occupied bins is only known once the device has counted them:
+    on CUDA a loop of :func:`bin_colors` waits for the device once per set. Here every
+    set's bins come from one sort keyed by (set, bin), and the host waits twice in all.
+    Each set's means are its own fixed-point sums, as in :func:`bin_colors`. Where
+    compiled per-image kernels serve the device (the CPU), it is that loop.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    if len(sets) < 2 or image_backend(sets[0][0].device) is not None:
+        return [bin_colors(colors, counts, points, bits) for colors, counts, points in sets]
+    device, channels = sets[0][0].device, sets[0][0].shape[1]
+    sizes = [colors.shape[0] for colors, _, _ in sets]
+    colors = torch.cat([c for c, _, _ in sets])
+    counts = torch.cat([n for _, n, _ in sets])
+    owner = torch.repeat_interleave(
+        torch.arange(len(sets), device=device), torch.tensor(sizes, device=device), output_size=sum(sizes)
+    )
+    coarse = colors.long() >> (8 - bits)
+    width = bits * channels
+    key = (owner << width) + sum(coarse[:, i] << (bits * i) for i in range(channels))
+    bin_keys, inverse = torch.unique(key, return_inverse=True)  # sorted: a set's bins in bin_colors' order
+    starts = torch.searchsorted(bin_keys, torch.arange(len(sets) + 1, device=device) << width)
+    local = inverse - starts[owner]
+    edges = starts.tolist()
+    first, n_bins = edges[:-1], [b - a for a, b in itertools.pairwise(edges)]
+    bin_counts = torch.zeros(len(bin_keys), dtype=torch.long, device=device).index_add_(0, inverse, counts)
+    corners = torch.zeros((len(bin_keys), channels), dtype=torch.uint8, device=device)
+    corners[inverse] = (coarse << (8 - bits)).to(torch.uint8)
+    pad = functools.partial(torch.nn.utils.rnn.pad_sequence, batch_first=True)
+    sums = FixedPointSums(pad([p for _, _, p in sets]), pad([n.double() for _, n, _ in sets]))
+    means, _ = sums.means(pad(list(local.split(sizes))), max(n_bins))
+    out: list[Binned] = []
+    for i, (start, n, labels) in enumerate(zip(first, n_bins, local.split(sizes))):
+        out.append((means[i, :n].float(), bin_counts[start : start + n], labels, corners[start : start + n]))
+    return out

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .colors import ColorSet, bin_colors
+from .colors import Binned, ColorSet, bin_colors_many
 from .kmeans import best_restarts, kmeans
 from .options import FitOptions
 from .spaces import ColorSpace
@@ -66,31 +66,50 @@ class _Plan:
     bins: tuple[torch.Tensor, torch.Tensor] | None
 
 
-def _plan(group: _Group, max_points: int) -> _Plan:
-    """Pick the exact colours (at most ``max_points``) or a fine histogram, and a seed set.
+class _Binning:
+    """A group on its way to a plan: the seed and fine sets chosen so far, and its current (coarsest) bins."""
+
+    def __init__(self, group: _Group, max_points: int) -> None:
+        exact = (group.points, group.counts.float())
+        n = group.colors.shape[0]
+        self.channels = group.colors.shape[1]
+        self.fine = exact if n <= max_points else None
+        self.seed = exact if n <= min(max_points, _SEED_POINTS) else None
+        self.bins: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.bin_of: torch.Tensor | None = None  # the current bin of every colour of the group
+        self.current = (group.colors, group.counts, group.points)  # (colors, counts, points) to coarsen next
+
+    def take(self, binned: Binned, bits: int, max_points: int) -> None:
+        """Coarsen to ``binned`` (``bits`` per channel); keep it as the fine or seed set once small enough."""
+        points, counts, inverse, colors = binned
+        self.bin_of = inverse if self.bin_of is None else inverse[self.bin_of]
+        self.current = (colors, counts, points)
+        if self.fine is None and (points.shape[0] <= 4 * max_points or bits == 1):
+            self.fine, self.bins = (points, counts.float()), (points, self.bin_of)
+        if self.seed is None and (points.shape[0] <= min(max_points, _SEED_POINTS) or bits == 1):
+            self.seed = (points, counts.float())
+
+    def plan(self) -> _Plan:
+        assert self.fine is not None and self.seed is not None
+        return _Plan(self.seed, self.fine, self.bins)
+
+
+def _plans(groups: list[_Group], max_points: int) -> list[_Plan]:
+    """Per group, the exact colours (at most ``max_points``) or a fine histogram, and a seed set.
 
     Larger colour sets are merged into ``FINE_BITS`` bins, coarser only if those still
     number more than four times ``max_points``; the seed set has at most 4096 points.
-    Coarser histograms are built from the finer bins.
+    Coarser histograms are built from the finer bins. Each level bins every group that
+    still needs it at once (:func:`~gpu_kquant.colors.bin_colors_many`: on CUDA the host
+    waits per level, not per image), groups of one channel count together.
     """
-    exact = (group.points, group.counts.float())
-    n = group.colors.shape[0]
-    fine = exact if n <= max_points else None
-    seed = exact if n <= min(max_points, _SEED_POINTS) else None
-    bins = None
-    colors, counts, points = group.colors, group.counts, group.points
-    bin_of = None  # the current bin of every colour
+    states = [_Binning(group, max_points) for group in groups]
     for bits in range(FINE_BITS, 0, -1):
-        if fine is not None and seed is not None:
-            break
-        points, counts, inverse, colors = bin_colors(colors, counts, points, bits)
-        bin_of = inverse if bin_of is None else inverse[bin_of]
-        if fine is None and (points.shape[0] <= 4 * max_points or bits == 1):
-            fine, bins = (points, counts.float()), (points, bin_of)
-        if seed is None and (points.shape[0] <= min(max_points, _SEED_POINTS) or bits == 1):
-            seed = (points, counts.float())
-    assert fine is not None and seed is not None
-    return _Plan(seed, fine, bins)
+        for channels in (3, 4):
+            todo = [s for s in states if (s.fine is None or s.seed is None) and s.channels == channels]
+            for state, binned in zip(todo, bin_colors_many([s.current for s in todo], bits)):
+                state.take(binned, bits, max_points)
+    return [state.plan() for state in states]
 
 
 def _split(cs: ColorSet, space: ColorSpace) -> tuple[bool, _Group, _Group]:
@@ -235,6 +254,7 @@ def fit_palettes(
     parts: list[list[torch.Tensor | None]] = []
     bins: list[tuple[torch.Tensor, torch.Tensor] | None] = []
     jobs: dict[tuple[int, int], list[tuple[int, int, _Plan]]] = {}
+    to_plan: list[tuple[int, int, _Group, int]] = []  # (set, slot, group, its k) of every fit
     for i, cs in enumerate(sets):
         check_stop(options.stop)  # preparing a set of 65,536 colours takes a second or so
         transparent, opaque, translucent = _split(cs, space)
@@ -249,12 +269,13 @@ def fit_palettes(
             if group.colors.shape[0] <= k_group:
                 pieces.append(group.colors)
                 continue
-            plan = _plan(group, max_fit_points)
-            if group is opaque:
-                bins[i] = plan.bins
-            jobs.setdefault((group.points.shape[1], k_group), []).append((i, len(pieces), plan))
+            to_plan.append((i, len(pieces), group, k_group))
             pieces.append(None)
         parts.append(pieces)
+    for (i, slot, group, k_group), plan in zip(to_plan, _plans([g for _, _, g, _ in to_plan], max_fit_points)):
+        if group.colors.shape[1] == 3:  # the opaque group's bins guess each colour's entry
+            bins[i] = plan.bins
+        jobs.setdefault((group.points.shape[1], k_group), []).append((i, slot, plan))
 
     for (_, k_group), batch in jobs.items():
         check_stop(options.stop)

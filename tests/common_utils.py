@@ -9,11 +9,15 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 needs_cuda = pytest.mark.needs_cuda
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,3 +157,51 @@ def plte(path: Path) -> bytes:
     data = path.read_bytes()
     at = data.index(b"PLTE")
     return data[at - 4 : at + 4 + int.from_bytes(data[at - 4 : at], "big")]
+
+
+# Ops that make the host wait for a CUDA device: reading a value, or an output sized by the data.
+_SYNC_OPS = {
+    "_local_scalar_dense",
+    "nonzero",
+    "masked_select",
+    "_unique2",
+    "unique_consecutive",
+    "unique_dim",
+    "bincount",
+}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts, on CPU tensors, the ops and host reads that would sync on CUDA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        sized_by_data = name == "repeat_interleave" and kwargs.get("output_size") is None
+        masks = name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())
+        )
+        if name in _SYNC_OPS or sized_by_data or masks:
+            self.events.append(name)
+        return func(*args, **kwargs)
+
+
+def count_syncs(fn: Callable[[], object]) -> list[str]:
+    """The ops and host reads ``fn`` makes that would make the host wait on CUDA (run on CPU tensors)."""
+    counter = SyncCounter()
+    with pytest.MonkeyPatch.context() as mp:
+        for method in ("cpu", "numpy", "tolist", "item"):
+            original = getattr(torch.Tensor, method)
+
+            def wrapped(self: torch.Tensor, *a: Any, _m: str = method, _o: Any = original, **kw: Any) -> Any:
+                counter.events.append(_m)
+                return _o(self, *a, **kw)
+
+            mp.setattr(torch.Tensor, method, wrapped)
+        with counter:
+            fn()
+    return counter.events

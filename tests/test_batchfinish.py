@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from common_utils import photo
-from torch.utils._python_dispatch import TorchDispatchMode
+from common_utils import count_syncs, photo
 
 from gpu_kquant import batchfinish, quantize_batch
 from gpu_kquant.colors import color_sets
@@ -168,53 +167,6 @@ def test_stop_is_checked_before_mapping(monkeypatch: pytest.MonkeyPatch) -> None
         batchfinish.finish_batch(tensors, sets, [pal for pal, _ in fitted], ColorSpace("rgb"), flag)
 
 
-# Ops that make the host wait for a CUDA device: reading a value, or an output sized by the data.
-_SYNC_OPS = {
-    "_local_scalar_dense",
-    "nonzero",
-    "masked_select",
-    "_unique2",
-    "unique_consecutive",
-    "unique_dim",
-    "bincount",
-}
-
-
-class SyncCounter(TorchDispatchMode):
-    """Counts, on CPU tensors, the ops and host reads that would sync on CUDA."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[str] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        sized_by_data = name == "repeat_interleave" and kwargs.get("output_size") is None
-        masks = name in ("index", "index_put", "index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())
-        )
-        if name in _SYNC_OPS or sized_by_data or masks:
-            self.events.append(name)
-        return func(*args, **kwargs)
-
-
-def _count(fn: Callable[[], object]) -> list[str]:
-    counter = SyncCounter()
-    with pytest.MonkeyPatch.context() as mp:
-        for method in ("cpu", "numpy", "tolist", "item"):
-            original = getattr(torch.Tensor, method)
-
-            def wrapped(self: torch.Tensor, *a: Any, _m: str = method, _o: Any = original, **kw: Any) -> Any:
-                counter.events.append(_m)
-                return _o(self, *a, **kw)
-
-            mp.setattr(torch.Tensor, method, wrapped)
-        with counter:
-            fn()
-    return counter.events
-
-
 def _finishers(n: int) -> Iterator[Callable[[], object]]:
     images = (mixed_images() * 2)[:n]
     tensors, sets, fitted = prepared(images, 16, "rgb")
@@ -229,8 +181,8 @@ def _finishers(n: int) -> Iterator[Callable[[], object]]:
 def test_syncs_per_batch_do_not_grow_with_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """The torch kernels (the code CUDA runs): a constant number of host waits, one download."""
     monkeypatch.setenv("GPU_KQUANT_KERNELS", "torch")
-    few_batched, few_per_image = (_count(f) for f in _finishers(2))
-    many_batched, many_per_image = (_count(f) for f in _finishers(9))
+    few_batched, few_per_image = (count_syncs(f) for f in _finishers(2))
+    many_batched, many_per_image = (count_syncs(f) for f in _finishers(9))
     assert few_batched == many_batched == ["cpu", "numpy"]  # the one download
     # The counter sees the per-image path's syncs, which grow with the batch.
     assert len(many_per_image) > len(few_per_image) >= 2 * 2

@@ -174,3 +174,44 @@ def test_batched_colour_sets_equal_one_by_one() -> None:
         ref = color_set(pack(img), img.shape[2])
         assert cs.channels == ref.channels
         assert torch.equal(cs.keys, ref.keys) and torch.equal(cs.counts, ref.counts)
+
+
+def _binning_sets(channels: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(colors, counts, points) of photo crops of very different sizes, one colour included."""
+    from gpu_kquant.spaces import ColorSpace
+
+    crops = [photo("china")[:200, :300], photo("coffee")[50:60, 0:7], photo("astronaut")[:1, :1], photo("flower")]
+    out = []
+    for img in crops:
+        img = _with_alpha(img, 5) if channels == 4 else img
+        cs = color_set(pack(torch.from_numpy(np.array(img))), channels)
+        out.append((cs.colors, cs.counts, ColorSpace("oklab").points(cs.colors)))
+    return out
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_bin_colors_many_equals_bin_colors_per_set(channels: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batched binning (the torch code CUDA runs) gives each set exactly its own bin_colors."""
+    from gpu_kquant.colors import bin_colors_many
+
+    monkeypatch.setenv("GPU_KQUANT_KERNELS", "torch")
+    sets = _binning_sets(channels)
+    for bits in (6, 4, 1):
+        batched = bin_colors_many(sets, bits)
+        assert len(batched) == len(sets)
+        for s, got in zip(sets, batched):
+            for a, b in zip(got, bin_colors(*s, bits)):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_bin_colors_many_waits_on_the_device_a_fixed_number_of_times(monkeypatch: pytest.MonkeyPatch) -> None:
+    from common_utils import count_syncs
+
+    from gpu_kquant.colors import bin_colors_many
+
+    monkeypatch.setenv("GPU_KQUANT_KERNELS", "torch")
+    few, many = _binning_sets(3)[:2], _binning_sets(3) * 3
+    assert count_syncs(lambda: bin_colors_many(few, 6)) == count_syncs(lambda: bin_colors_many(many, 6))
+    assert count_syncs(lambda: bin_colors_many(many, 6)) == ["_unique2", "tolist"]
+    # each set on its own waits at least once per set
+    assert len(count_syncs(lambda: [bin_colors(*s, 6) for s in many])) >= len(many)
