@@ -19,6 +19,7 @@ from .palette import ColorHistogram
 from .planning import JobError, Task
 from .process import configure_process
 from .ray_session import Stalled, batches_within, from_items, task_from_item, task_item
+from .staging import host_view
 from .worker import read_task
 
 __all__ = ["FILES_PER_TASK", "histogram_files", "ray_histogram"]
@@ -64,7 +65,7 @@ def histogram_files(
             pixels = read_task(task, max_pixels, resize).decoded.pixels
         except Exception:
             continue
-        cs = color_set(pack(torch.from_numpy(pixels)), pixels.shape[2])
+        cs = color_set(pack(host_view(pixels)), pixels.shape[2])  # decoded arrays are read-only: no copy, no warning
         hist[cs.channels][0].append(cs.keys)
         hist[cs.channels][1].append(cs.counts)
         images += 1
