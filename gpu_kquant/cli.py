@@ -108,7 +108,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=positive,
         default=None,
-        help="images per batched k-means (default: 16 on CUDA, 4 on the CPU)",
+        help="images per batched k-means at most (default: 256 on CUDA, 4 on the CPU; also closed at 64 megapixels)",
     )
     parser.add_argument("--workers", type=positive, default=default_workers(), help="decode and write threads each")
     parser.add_argument(

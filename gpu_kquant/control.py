@@ -46,12 +46,16 @@ T = TypeVar("T")
 Progress = Callable[[int, int], None]
 """``progress(images, pixels)``, called as inputs finish."""
 
-# Big batches feed a GPU; on the CPU small ones keep every quantizer thread busy.
-_DEFAULT_BATCH = {"cuda": 16, "cpu": 4}
+# Images per batched k-means at most. On the CPU small batches keep every quantizer thread
+# busy. On a GPU a batch is sized by its pixels (``batch_pixels``, 64 MP: sixteen 4-MP photos),
+# the count only bounds one batch's per-image Python work: 256 lets 0.25-MP images fill a
+# batch too (at 16 they made 4-MP batches, too small to keep a GPU busy). Not yet measured on
+# a GPU (benchmarks/gpu_check.py times both image sizes).
+_DEFAULT_BATCH = {"cuda": 256, "cpu": 4}
 
 
 def default_batch_size(device: torch.device | str) -> int:
-    """Images per batched k-means when ``--batch-size`` is not given: 16 on CUDA, 4 on the CPU."""
+    """Images per batched k-means without ``--batch-size``: 256 on CUDA, 4 on the CPU (or ``batch_pixels``)."""
     kind = torch.device(device).type
     return _DEFAULT_BATCH.get(kind, _DEFAULT_BATCH["cpu"])
 

@@ -30,7 +30,7 @@ def test_groups_close_at_a_count_or_a_pixel_budget() -> None:
 
 
 def test_default_batch_and_thread_policy() -> None:
-    assert default_batch_size("cpu") == 4 and default_batch_size("cuda") == 16
+    assert default_batch_size("cpu") == 4 and default_batch_size("cuda") == 256
     assert quantizer_threads("cuda") == 2 and quantizer_threads("cpu", cpus=6) == 6
     assert call_size(4, 2, "cpu") == 16 and call_size(16, 2, "cuda") == 32
 
