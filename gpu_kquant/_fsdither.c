@@ -1,11 +1,11 @@
 /*
  * Serpentine Floyd-Steinberg error diffusion onto a fixed palette, with pngquant-style
- * error clamping and an optional per-pixel strength (adaptive dithering). The inner loop is sequential by nature (each pixel depends on the
- * error of the previous one), so it is written in C; the GIL is released so that
- * several images dither in parallel on Python threads.
+ * error clamping and optional per-pixel strength and hysteresis (adaptive dithering). The inner loop
+ * is sequential by nature (each pixel depends on the error of the previous one), so it is written
+ * in C; the GIL is released so that several images dither in parallel on Python threads.
  *
- * fs_dither(image, classes, palette, flags, bounds, out, strength, height, width, dims, entries, max_error,
- *           min_error)
+ * fs_dither(image, classes, palette, flags, bounds, out, strength, hysteresis, height, width, dims, entries,
+ *           max_error, min_error)
  *   image   float32 (height, width, dims), the pixels in the fitting colour space
  *   classes uint8   (height, width): 0 fully transparent, 1 opaque, 2 translucent
  *   palette float32 (entries, dims), same space
@@ -14,7 +14,11 @@
  *   bounds  float32 (dims, 2): a target colour is clamped to [low, high] per channel
  *   out     int32   (height, width), written
  *   strength float32 (height, width) or None: the diffused error reaching a pixel is scaled by its
- *           strength (adaptive dithering: 1 in flat areas, 0 on edges); None means 1 everywhere
+ *           strength (adaptive dithering: 0 next to hard edges); None means 1 everywhere
+ *   hysteresis float32 (height, width) or None: h >= 0 per pixel; the entry is chosen for the pixel
+ *           plus 1 / (1 + h) of the (scaled) diffused error, while the whole error target - entry is
+ *           passed on: a pixel leaves its own nearest entry only once the error is large, and the
+ *           local mean is kept (adaptive dithering in noisy areas); None means 0 everywhere
  *   max_error: quantization errors longer than this are damped by 0.75
  *   min_error: a scaled diffused error shorter than this is dropped (the pixel is mapped
  *           undithered, as pngquant does for negligible error: fewer isolated dots, smaller files)
@@ -129,7 +133,8 @@ static int nearest(const Palette *p, const float *x, const unsigned char *flags,
 typedef struct {
     int height, width;
     float max_error, min_error;
-    const float *strength; /* NULL: 1 everywhere */
+    const float *strength;   /* NULL: 1 everywhere */
+    const float *hysteresis; /* NULL: 0 everywhere */
 } Settings;
 
 static void diffuse(const float *image, const unsigned char *classes, const Palette *p, const unsigned char *flags,
@@ -156,7 +161,7 @@ static void diffuse(const float *image, const unsigned char *classes, const Pale
                 out[at] = transparent_entry;
                 continue; /* invisible: takes no error and passes none on */
             }
-            float target[MAX_DIMS], spread[MAX_DIMS];
+            float target[MAX_DIMS], spread[MAX_DIMS], choice[MAX_DIMS];
             const float s = set->strength ? set->strength[at] : 1.0f;
             float s2 = 0.0f;
             for (int d = 0; d < dims; d++) {
@@ -164,13 +169,16 @@ static void diffuse(const float *image, const unsigned char *classes, const Pale
                 s2 += spread[d] * spread[d];
             }
             const int keep = s2 >= min_error2;
+            const float seen = 1.0f / (1.0f + (set->hysteresis ? set->hysteresis[at] : 0.0f));
             for (int d = 0; d < dims; d++) {
                 float v = keep ? image[at * dims + d] + spread[d] : image[at * dims + d];
+                float c = keep ? image[at * dims + d] + spread[d] * seen : image[at * dims + d];
                 float lo = bounds[2 * d], hi = bounds[2 * d + 1];
                 target[d] = v < lo ? lo : (v > hi ? hi : v);
+                choice[d] = c < lo ? lo : (c > hi ? hi : c);
             }
             const unsigned char need = classes[at] == 1 ? 1 : 2;
-            int j = nearest(p, target, flags, need, guess);
+            int j = nearest(p, choice, flags, need, guess);
             out[at] = j;
             guess = j;
             float err[MAX_DIMS];
@@ -211,11 +219,11 @@ static int get(PyObject *obj, Py_buffer *view, Py_ssize_t expected, int writable
 }
 
 static PyObject *fs_dither(PyObject *self, PyObject *args) {
-    PyObject *o_image, *o_classes, *o_palette, *o_flags, *o_bounds, *o_out, *o_strength;
+    PyObject *o_image, *o_classes, *o_palette, *o_flags, *o_bounds, *o_out, *o_strength, *o_hysteresis;
     int height, width, dims, entries;
     float max_error, min_error;
-    if (!PyArg_ParseTuple(args, "OOOOOOOiiiiff", &o_image, &o_classes, &o_palette, &o_flags, &o_bounds, &o_out,
-                          &o_strength, &height, &width, &dims, &entries, &max_error, &min_error))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOiiiiff", &o_image, &o_classes, &o_palette, &o_flags, &o_bounds, &o_out,
+                          &o_strength, &o_hysteresis, &height, &width, &dims, &entries, &max_error, &min_error))
         return NULL;
     if (dims < 1 || dims > MAX_DIMS || entries < 1 || height < 1 || width < 1) {
         PyErr_SetString(PyExc_ValueError, "bad dimensions");
@@ -232,7 +240,11 @@ static PyObject *fs_dither(PyObject *self, PyObject *args) {
     Py_buffer b_strength = {0};
     const int has_strength = o_strength != Py_None;
     if (has_strength && get(o_strength, &b_strength, n * 4, 0, "strength") < 0) goto fail_out;
-    Settings set = {height, width, max_error, min_error, has_strength ? (const float *)b_strength.buf : NULL};
+    Py_buffer b_hysteresis = {0};
+    const int has_hysteresis = o_hysteresis != Py_None;
+    if (has_hysteresis && get(o_hysteresis, &b_hysteresis, n * 4, 0, "hysteresis") < 0) goto fail_strength;
+    Settings set = {height, width, max_error, min_error, has_strength ? (const float *)b_strength.buf : NULL,
+                    has_hysteresis ? (const float *)b_hysteresis.buf : NULL};
 
     Palette p = {(const float *)b_palette.buf, entries, dims, NULL, NULL};
     float *err_cur = malloc(sizeof(float) * (width + 2) * dims);
@@ -241,7 +253,7 @@ static PyObject *fs_dither(PyObject *self, PyObject *args) {
         free(err_cur);
         free(err_next);
         PyErr_NoMemory();
-        goto fail_strength;
+        goto fail_hysteresis;
     }
     Py_BEGIN_ALLOW_THREADS diffuse((const float *)b_image.buf, (const unsigned char *)b_classes.buf, &p,
                                    (const unsigned char *)b_flags.buf, (const float *)b_bounds.buf, (int *)b_out.buf,
@@ -250,6 +262,7 @@ static PyObject *fs_dither(PyObject *self, PyObject *args) {
     free(err_next);
     free(p.pair_dist);
     free(p.pair_index);
+    if (has_hysteresis) PyBuffer_Release(&b_hysteresis);
     if (has_strength) PyBuffer_Release(&b_strength);
     PyBuffer_Release(&b_out);
     PyBuffer_Release(&b_bounds);
@@ -259,6 +272,8 @@ static PyObject *fs_dither(PyObject *self, PyObject *args) {
     PyBuffer_Release(&b_image);
     Py_RETURN_NONE;
 
+fail_hysteresis:
+    if (has_hysteresis) PyBuffer_Release(&b_hysteresis);
 fail_strength:
     if (has_strength) PyBuffer_Release(&b_strength);
 fail_out:

@@ -171,7 +171,8 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
         "--dither",
         choices=DITHERS,
         default="none",
-        help="fs: serpentine Floyd-Steinberg; adaptive: FS in flat areas only, not on edges; ordered: 8x8 Bayer",
+        help="fs: serpentine Floyd-Steinberg; adaptive: FS with hysteresis in noisy areas, none next to hard edges; "
+        "ordered: 8x8 Bayer",
     )
     parser.add_argument(
         "--palette",

@@ -151,7 +151,7 @@ class OutputOptions:
         compress_level: zlib level for PNG (``None``: the measured default).
         report: JSON-lines report (``None``: ``OUT/gpu_kquant_report.jsonl``).
         palette: ``"shared"`` (one palette fitted on every input), a palette file, or ``None``.
-        dither: ``none``, ``fs`` or ``ordered`` (see :data:`gpu_kquant.dither.DITHERS`).
+        dither: ``none``, ``fs``, ``adaptive`` or ``ordered`` (see :data:`gpu_kquant.dither.DITHERS`).
         quality: (minimum, target) PSNR in dB: the smallest k reaching the target, and no
             output below the minimum.
         overwrite: redo outputs gpu_kquant wrote with these options (default: skip them, so a
