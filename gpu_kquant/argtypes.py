@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["argument_type", "glue_negative_values", "positive", "quality", "shard"]
@@ -29,6 +29,20 @@ def glue_negative_values(argv: list[str]) -> list[str]:
             out[-1] = f"--shard={arg}"
         else:
             out.append(arg)
+    return out
+
+
+def bare_flag_value(argv: list[str], flag: str, values: Sequence[str], value: str) -> list[str]:
+    """``flag`` given without one of its ``values`` (last, or before an input or another flag) as ``flag value``.
+
+    So ``--dither photos/`` dithers ``photos/`` with the default kind instead of failing on
+    the kind "photos/"; a misspelt kind still fails, as an input that does not exist.
+    """
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == flag and (i + 1 == len(argv) or argv[i + 1] not in values):
+            out.append(value)
     return out
 
 

@@ -321,3 +321,21 @@ def test_concurrent_run_into_the_same_folder_is_a_usage_error_and_reruns_append(
         assert cli(src, "-o", out, "--quiet").returncode == 0
     rows = [json.loads(line) for line in (out / "gpu_kquant_report.jsonl").read_text().splitlines()]
     assert [r["status"] for r in rows] == ["ok", "skipped"] and rows[0]["run"] != rows[1]["run"]
+
+
+def test_a_bare_dither_flag_is_adaptive(src: Path, tmp_path: Path) -> None:
+    """``--dither`` without a kind dithers adaptively (it measured best against pngquant, issue 15)."""
+    from gpu_kquant.argtypes import bare_flag_value
+
+    kinds = ("none", "fs", "adaptive")
+    assert bare_flag_value(["--dither", "in"], "--dither", kinds, "adaptive") == ["--dither", "adaptive", "in"]
+    assert bare_flag_value(["in", "--dither"], "--dither", kinds, "adaptive") == ["in", "--dither", "adaptive"]
+    assert bare_flag_value(["--dither", "fs", "in"], "--dither", kinds, "adaptive") == ["--dither", "fs", "in"]
+    for i, args in enumerate((["--dither", src], [src, "--dither"])):
+        out = tmp_path / f"out{i}"
+        result = cli(*args, "-k", "4", "-o", out, "--quiet")
+        assert result.returncode == 0, result.stderr
+        rows = read_report(out / "gpu_kquant_report.jsonl")
+        assert [r["dither"] for r in rows.values()] == ["adaptive"]
+    typo = cli("--dither", "adaptve", src, "-o", tmp_path / "typo")
+    assert typo.returncode == 2 and "adaptve" in typo.stderr.strip().splitlines()[-1]

@@ -58,7 +58,7 @@ def test_plans_share_the_devices_and_the_machine() -> None:
     gpus = [torch.device("cuda", 0), torch.device("cuda", 1)]
     plans = plan_children(setup, gpus, parts, io_threads=16, group_size=None, memory_budget=4 << 30)
     assert [p.device for p in plans] == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
-    assert {(p.io_threads, p.quantizers, p.group_size, p.memory_budget) for p in plans} == {(4, 1, 16, 1 << 30)}
+    assert {(p.io_threads, p.quantizers, p.group_size, p.memory_budget) for p in plans} == {(4, 2, 256, 1 << 30)}
     cpu = plan_children(setup, [torch.device("cpu")], parts[:2], io_threads=1, group_size=3, memory_budget=10)
     assert [(p.io_threads, p.group_size, p.memory_budget) for p in cpu] == [(1, 3, 5)] * 2
     assert cpu[0].quantizers == max(1, (os.cpu_count() or 1) // 2)
