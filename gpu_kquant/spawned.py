@@ -129,6 +129,8 @@ def run_children(plans: list[ChildPlan], emit: Callable[[Row], None]) -> dict[st
     except BaseException:
         stop.set()
         parent.stopping = True
+        # processes that never started (a plan that cannot be pickled) send nothing to wait for
+        parent.running &= {i for i, proc in enumerate(procs) if proc.pid is not None}
         deadline = time.monotonic() + _STOP_GRACE
         parent.drain(lambda: time.monotonic() > deadline)
         raise

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -182,3 +183,13 @@ def test_processes_usage_errors(tmp_path: Path) -> None:
         assert result.returncode == 2, (args, result.stderr)
         assert says in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_plan_that_cannot_be_sent_fails_at_once(tmp_path: Path) -> None:
+    """A start that fails (here: a plan that cannot be pickled) raises without waiting for the stop grace."""
+    setup = dataclasses.replace(RunSetup(FitOptions(k=4), OutputOptions()), batch_pixels=lambda: 0)  # type: ignore[arg-type]
+    plans = plan_children(setup, [torch.device("cpu")], [[], []], io_threads=1, group_size=1, memory_budget=1 << 20)
+    start = time.monotonic()
+    with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):
+        run_children(plans, lambda row: None)
+    assert time.monotonic() - start < 20
