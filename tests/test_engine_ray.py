@@ -350,7 +350,7 @@ def test_stages_in_process(tmp_path: Path, parallel_groups: bool) -> None:
 def test_resources_one_actor_per_gpu() -> None:
     four = resources(4, cpus=32)
     assert (four.num_gpus, four.concurrency, four.device) == (1, 4, "cuda")
-    assert four.num_cpus == 1 and four.batch_size == four.sub_batch == 16
+    assert four.num_cpus == 1 and four.batch_size == four.sub_batch == 256  # a GPU batch closes at batch_pixels
     assert resources(4, cpus=32, workers=2).concurrency == 2  # capped by --workers...
     assert resources(4, cpus=32, workers=9).concurrency == 4  # ...and by the GPUs
     assert resources(8, cpus=8).num_cpus < 1  # eight actors leave CPUs to decode
