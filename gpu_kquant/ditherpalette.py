@@ -38,28 +38,29 @@ def spread_palette(cs: ColorSet, labels: torch.Tensor, palette: torch.Tensor) ->
     Returns:
         (k, C') uint8; entries with transparency, and entries without opaque pixels, unchanged.
     """
-    x, w, lab = cs.colors[:, :3].float(), cs.counts, labels
+    rgb, w, lab = cs.colors[:, :3], cs.counts, labels
     if cs.channels == 4:
         opaque = cs.colors[:, 3] == 255
-        x, w, lab = x[opaque], w[opaque], lab[opaque]
+        rgb, w, lab = rgb[opaque], w[opaque], lab[opaque]
     k = palette.shape[0]
-    if x.shape[0] == 0:
+    if rgb.shape[0] == 0:
         return palette
-    entries = palette[:, :3].float()
-    away = entries - (w.double() @ x.double()).float() / float(w.sum())  # (k, 3): image mean to entry
+    # Pixel-weighted sums in int64: exact, so the same on every device and in any order.
+    entries, x = palette[:, :3].float(), rgb.float()
+    away = entries - (rgb.long() * w[:, None]).sum(0).float() / float(w.sum())  # (k, 3): image mean to entry
     length = away.norm(dim=1, keepdim=True)
     along = ((x - entries[lab]) * (away / length.clamp_min(1e-9))[lab]).sum(1)
     # Colours grouped by entry, the most outlying first: one stable sort of integer keys (|along|
     # <= 255 * sqrt(3), so 256 * along fits in 2**17; integer keys sort 5x faster than floats).
     order = torch.argsort(lab * (1 << 18) - (along * 256).round().long(), stable=True)
-    lab, w, x = lab[order], w[order], x[order]
+    lab, w, rgb = lab[order], w[order], rgb[order]
     total = torch.zeros(k, dtype=torch.long, device=w.device).index_add_(0, lab, w)
     ahead = torch.cumsum(w, 0) - w - (torch.cumsum(total, 0) - total)[lab]  # the entry's pixels before each colour
     top = ahead < SPREAD_TOP * total[lab]
-    lab, w, x = lab[top], w[top].double(), x[top].double()
-    sums = torch.zeros(k, 3, dtype=torch.float64, device=w.device).index_add_(0, lab, x * w[:, None])
-    weight = torch.zeros(k, dtype=torch.float64, device=w.device).index_add_(0, lab, w)
-    extreme = (sums / weight.clamp_min(1.0)[:, None]).float()
+    lab, w, rgb = lab[top], w[top], rgb[top]
+    sums = torch.zeros(k, 3, dtype=torch.long, device=w.device).index_add_(0, lab, rgb.long() * w[:, None])
+    weight = torch.zeros(k, dtype=torch.long, device=w.device).index_add_(0, lab, w)
+    extreme = (sums.double() / weight.clamp_min(1)[:, None]).float()
     movable = (weight > 0) & (length[:, 0] > 1e-6) & (palette[:, 3] == 255 if palette.shape[1] == 4 else True)
     moved = torch.where(movable[:, None], entries + SPREAD * (extreme - entries), entries)
     out = palette.clone()
