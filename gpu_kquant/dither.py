@@ -116,13 +116,15 @@ def channel_bounds(space: ColorSpace, dims: int) -> np.ndarray:
 #   and 4 of the 6 cases.
 # - a diffused error shorter than MIN_ERROR_RANGE of the range (1.3 sRGB levels, like pngquant's
 #   threshold) is dropped: no isolated dots for invisible error.
-HYSTERESIS = 1.375
+HYSTERESIS = 1.375  # for given palettes; fitted ones are spread and use ditherpalette.FITTED_HYSTERESIS
 NOISE_LOW, NOISE_HIGH, NOISE_RADIUS = 0.3, 0.8, 4
 EDGE_RANGE, EDGE_FLAT = 0.2, 0.25
 MIN_ERROR_RANGE = 0.005
 
 
-def floyd_steinberg(image: np.ndarray, palette: np.ndarray, space: ColorSpace, *, adaptive: bool = False) -> np.ndarray:
+def floyd_steinberg(
+    image: np.ndarray, palette: np.ndarray, space: ColorSpace, *, adaptive: bool = False, hysteresis: float = HYSTERESIS
+) -> np.ndarray:
     """Serpentine Floyd-Steinberg dithering with pngquant-style error clamping.
 
     The target colour (pixel plus diffused error) is clamped to the colour space's
@@ -135,6 +137,7 @@ def floyd_steinberg(image: np.ndarray, palette: np.ndarray, space: ColorSpace, *
         image: (H, W, C) uint8, C = 3 or 4.
         palette: (P, C') uint8, C' = 3 or 4.
         space: the colour space the error is diffused in.
+        hysteresis: the adaptive hysteresis in noisy areas (:func:`hysteresis_map`).
 
     Returns:
         (H, W) int32 palette indices.
@@ -156,7 +159,8 @@ def floyd_steinberg(image: np.ndarray, palette: np.ndarray, space: ColorSpace, *
     span = float(np.ptp(fixed[4][0])) / 1.2  # the first channel's range (bounds are widened by 10% each side)
     grid = points.reshape(h, w, -1)
     strength = np.where(hard_edges(grid, EDGE_RANGE * span), 0.0, 1.0).astype(np.float32)
-    return _diffuse(*fixed, strength, hysteresis_map(grid, span / 255.0), 2.0 * spacing, MIN_ERROR_RANGE * span)
+    noisy = hysteresis_map(grid, span / 255.0, hysteresis)
+    return _diffuse(*fixed, strength, noisy, 2.0 * spacing, MIN_ERROR_RANGE * span)
 
 
 def _diffuse(
@@ -208,12 +212,13 @@ def hard_edges(points: np.ndarray, step: float) -> np.ndarray:
     return result
 
 
-def hysteresis_map(points: np.ndarray, level: float) -> np.ndarray:
-    """Per-pixel hysteresis (H, W) float32 in [0, HYSTERESIS], rising with the local noise.
+def hysteresis_map(points: np.ndarray, level: float, peak: float = HYSTERESIS) -> np.ndarray:
+    """Per-pixel hysteresis (H, W) float32 in [0, peak], rising with the local noise.
 
     Args:
         points: (H, W, D) float32 pixels in the fitting space.
         level: one level of noise in the space's units (1/255 of the first channel's range).
+        peak: the hysteresis where the photo is noisy.
     """
     x = torch.from_numpy(points).permute(2, 0, 1)[None]  # (1, D, H, W)
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
@@ -223,7 +228,7 @@ def hysteresis_map(points: np.ndarray, level: float) -> np.ndarray:
     box = torch.nn.functional.pad((d2x + d2y)[None] / 2, (r, r, r, r), mode="replicate")
     noise = torch.nn.functional.avg_pool2d(box, 2 * r + 1, stride=1)[0, 0]
     ramp = ((noise / level - NOISE_LOW) / (NOISE_HIGH - NOISE_LOW)).clamp(0.0, 1.0)
-    result: np.ndarray = (HYSTERESIS * ramp).numpy().astype(np.float32)
+    result: np.ndarray = (peak * ramp).numpy().astype(np.float32)
     return result
 
 

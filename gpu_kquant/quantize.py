@@ -24,7 +24,8 @@ from PIL import Image
 from .batchfinish import applies, finish_batch
 from .colors import ColorSet, color_sets, pixel_color_set, pixel_lookup
 from .device import resolve_device
-from .dither import DITHERS, bayer_offsets, floyd_steinberg, palette_spacing
+from .dither import DITHERS, HYSTERESIS, bayer_offsets, floyd_steinberg, palette_spacing
+from .ditherpalette import FITTED_HYSTERESIS, spread_palette
 from .fitplan import as_rgba, fit_palettes
 from .kernels import image_backend
 from .metrics import binomial_blur, pixel_error, premultiplied_rgba, psnr_of_mse, sampled_ssim
@@ -221,6 +222,10 @@ def _finish(
     rgba = cs.channels == 4 or palette.shape[1] == 4
     pal_points, pal_alpha = _palette_points(palette, space, rgba)
     blur_mse = None
+    if dither == "adaptive" and not fixed:  # a palette spread for dithering (issue 15)
+        points, alpha = _colour_points(cs, space, palette)
+        palette = spread_palette(cs, _assign_constrained(points, alpha, pal_points, pal_alpha), palette)
+        pal_points, pal_alpha = _palette_points(palette, space, rgba)
     if dither == "none":
         points, alpha = _colour_points(cs, space, palette)
         # Opaque colours and palette: every entry is allowed, so skip the alpha masks.
@@ -231,7 +236,7 @@ def _finish(
         total, usage = _error_and_usage(cs, palette, labels)
         mse = total / (cs.channels * pixels.shape[0] * pixels.shape[1])
     else:
-        pixel_labels, mse, blur_mse, usage = _map_dithered(pixels, palette, pal_points, pal_alpha, space, dither)
+        pixel_labels, mse, blur_mse, usage = _map_dithered(pixels, palette, pal_points, pal_alpha, space, dither, fixed)
     order = torch.arange(palette.shape[0], device=dev) if fixed else _used_in_order(pal_alpha, usage)
     remap = torch.empty(palette.shape[0], dtype=torch.long, device=dev)
     remap[order] = torch.arange(order.shape[0], device=dev)
@@ -255,8 +260,9 @@ def _map_dithered(
     pal_alpha: torch.Tensor,
     space: ColorSpace,
     dither: str,
+    fixed: bool,
 ) -> tuple[torch.Tensor, float, float, torch.Tensor]:
-    """Every pixel mapped on its own with dithering.
+    """Every pixel mapped on its own with dithering (a fitted, spread palette with more hysteresis).
 
     Returns:
         The (H, W) int64 labels, the per-channel MSE, the blurred MSE, and the (k,) usage counts.
@@ -266,7 +272,8 @@ def _map_dithered(
     rgba = c == 4 or palette.shape[1] == 4
     if dither in ("fs", "adaptive"):
         pal_np = palette.cpu().numpy()
-        fs = floyd_steinberg(pixels.cpu().numpy(), pal_np, space, adaptive=dither == "adaptive")
+        peak = HYSTERESIS if fixed else FITTED_HYSTERESIS
+        fs = floyd_steinberg(pixels.cpu().numpy(), pal_np, space, adaptive=dither == "adaptive", hysteresis=peak)
         pixel_labels = torch.from_numpy(fs).to(dev).long()
     else:
         flat = pixels.reshape(-1, c)
@@ -366,7 +373,8 @@ def quantize_batch(
         space: colour space of the fit and of the mapping: ``"rgb"`` (sRGB, best
             PSNR), ``"oklab"`` or ``"lab"`` (CIELAB D65, best CIEDE2000).
         dither: ``"none"``, ``"fs"`` / ``"adaptive"`` (serpentine Floyd-Steinberg, on the
-            CPU; see :mod:`gpu_kquant.dither`) or ``"ordered"`` (8x8 Bayer, on the device).
+            CPU; see :mod:`gpu_kquant.dither`; ``adaptive`` first spreads a fitted palette outward,
+            :mod:`gpu_kquant.ditherpalette`) or ``"ordered"`` (8x8 Bayer, on the device).
         palette: a fixed palette to map to (:class:`gpu_kquant.Palette` or (k, 3|4) uint8); ``k`` ignored.
         device: where to compute; ``None`` picks CUDA when available.
         seed: seed of each image's own random stream: an image's result does not
