@@ -305,17 +305,6 @@ def _fit_options(options: FitOptions | None, dither: str, **fields: object) -> F
     return options if options is not None else FitOptions(**fields)  # type: ignore[arg-type]
 
 
-def _check_options(k: int, space: str, n_init: int, dither: str) -> None:
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 1 << 16:
-        raise ValueError(f"k must be an integer in 1..65536, got {k!r}")
-    if space not in SPACES:
-        raise ValueError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
-    if dither not in DITHERS:
-        raise ValueError(f"dither must be one of {', '.join(DITHERS)}, got {dither!r}")
-    if n_init < 1:
-        raise ValueError(f"n_init must be >= 1, got {n_init}")
-
-
 def fit_palette(
     cs: ColorSet,
     k: int,
@@ -430,7 +419,7 @@ def map_to_palette(
     pal = torch.as_tensor(np.asarray(colors))
     if pal.dtype != torch.uint8 or pal.ndim != 2 or pal.shape[1] not in (3, 4) or not 1 <= pal.shape[0] <= 1 << 16:
         raise ValueError(f"palette must be a (k, 3) or (k, 4) uint8 array with 1 <= k <= 65536, got {tuple(pal.shape)}")
-    _check_options(pal.shape[0], space, 1, dither)
+    _fit_options(None, dither, k=pal.shape[0], space=space)  # checks the space and the dither name
     dev = resolve_device(device)
     sp = ColorSpace(space)
     pal = pal.to(dev)
