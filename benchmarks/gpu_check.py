@@ -302,11 +302,11 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def run_cli(folder: Path, out: Path, k: int, device: Any) -> float:
-    """Wall seconds of ``python -m gpu_kquant FOLDER -k K -o OUT --quiet --overwrite --device DEV``."""
+def run_cli(folder: Path, out: Path, k: int, device: Any, extra: Sequence[str] = ()) -> float:
+    """Wall seconds of ``python -m gpu_kquant FOLDER -k K -o OUT --quiet --overwrite --device DEV [EXTRA]``."""
     argv = [sys.executable, "-m", "gpu_kquant", str(folder), "-k", str(k), "-o", str(out), "--quiet", "--overwrite"]
     start = time.perf_counter()
-    proc = subprocess.run([*argv, "--device", str(device)], capture_output=True, text=True, cwd=ROOT,
+    proc = subprocess.run([*argv, "--device", str(device), *extra], capture_output=True, text=True, cwd=ROOT,
                           env=_child_env(), check=False)  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"gpu_kquant exited with {proc.returncode}: {proc.stderr.strip()[-500:]}")
@@ -346,11 +346,16 @@ def pipeline_rates(s: Sizes, device: Any, root: Path, k: int = 16) -> list[dict[
     for n in (n1, n2):
         rows.append({"what": f"python -m gpu_kquant, {n} images (whole process)", "seconds": secs[n],
                      "images_s": n / secs[n]})  # fmt: skip
-    rows.append({"what": f"python -m gpu_kquant, marginal ({n2} - {n1} images)", "images_s": marginal})
+    margin_row = {"what": f"python -m gpu_kquant, marginal ({n2} - {n1} images)", "images_s": marginal}
+    rows.append(margin_row)
+    # Whether two device processes on one GPU beat one process's two stream-owning threads.
+    two = run_cli(folders[n2], root / f"out-{n2}-p2", k, device, ("--processes", "2"))
+    rows.append({"what": f"python -m gpu_kquant --processes 2, {n2} images (whole process)", "seconds": two,
+                 "images_s": n2 / two})  # fmt: skip
     bound = decode_encode_bound(folders[n2], root / f"out-{n2}", root / "bound")
     rows.append({"what": f"decode + encode only, {n2} images, {os.cpu_count()} threads", "seconds": bound,
                  "images_s": n2 / bound})  # fmt: skip
-    rows[-2]["note"] = f"{100 * marginal * bound / n2:.0f}% of the bound"
+    margin_row["note"] = f"{100 * marginal * bound / n2:.0f}% of the bound"
     return rows
 
 
