@@ -97,7 +97,7 @@ def channel_bounds(space: ColorSpace, dims: int) -> np.ndarray:
 
 
 # Adaptive dithering (issue 15), tuned on the bundled photos at k = 16 and 64 against pngquant's
-# default dithering (benchmarks/results/dither_perimage_amd-epyc_2c_nogpu_2026-12-02.md):
+# default dithering (benchmarks/results/dither_perimage_intel-xeon_2c_nogpu_2026-12-02.md):
 # - HYSTERESIS h where the photo is noisy: the entry is chosen for the pixel plus 1 / (1 + h) of
 #   the diffused error, and the whole error target - entry is passed on. Dots start later and
 #   stray less (higher SSIM) while the local mean is kept (blurred PSNR). h 1.375 meets all three

@@ -8,7 +8,7 @@ cluster's most outlying SPREAD_TOP (by pixel count) along the direction from the
 mean colour to the entry. The undithered mapping keeps the k-means palette.
 
 Measured on the five bundled photos at k = 16 and 64 against pngquant's default dithering
-(benchmarks/results/dither_palette_amd-epyc_2c_nogpu_2026-12-02.md): spreading by 0.1 of the
+(benchmarks/results/dither_palette_intel-xeon_2c_nogpu_2026-12-02.md): spreading by 0.1 of the
 top quarter raises blurred PSNR by 0.1-0.4 dB on every case and costs up to 0.008 SSIM, which
 the stronger hysteresis FITTED_HYSTERESIS (1.5 instead of 1.375) buys back; together they meet
 all three targets on 7/10 cases (6/10 before, none lost). Spreading by 0.25 or more, or the
