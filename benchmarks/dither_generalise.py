@@ -1,0 +1,163 @@
+"""Ablations of ``--dither adaptive`` on the tuning and held-out cases (``python -m benchmarks.dither_generalise``).
+
+Issue 15's adaptive dithering has three fitted parts: the hysteresis peak (dither.HYSTERESIS for given
+palettes, ditherpalette.FITTED_HYSTERESIS for fitted ones), the noise gate that scales it
+(dither.NOISE_LOW / NOISE_HIGH) and the outward spread of a fitted palette (ditherpalette.spread_palette).
+Each trial sets some of them (module attributes, restored afterwards) and is scored on all 22 cases:
+the ten tuning cases (:func:`benchmarks.quality.bundled_photos` at k = 16, 64) and the twelve held-out
+ones (:data:`benchmarks.dither_heldout.HELDOUT`), as :mod:`benchmarks.dither_heldout` scores them.
+pngquant runs once per case. Needs ``pngquant`` on PATH. Writes OUT/dither_generalise_<machine>_<date>.{csv,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+import gpu_kquant.dither as dither_mod
+from gpu_kquant.colors import ColorSet
+
+from .dither_heldout import HELDOUT, _versus, load
+from .harness import machine_info, machine_markdown, markdown_table, output_stem, write_csv, write_markdown
+from .quality import RESULTS, _scores, bundled_photos, ours, pngquant
+
+# The module, not the function of the same name that gpu_kquant re-exports (``import a.b as c`` gets that).
+quantize_mod = importlib.import_module("gpu_kquant.quantize")
+
+
+def _no_spread(cs: ColorSet, labels: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
+    """Stand-in for spread_palette: the k-means palette unchanged."""
+    return palette
+
+
+# name -> (fitted-palette hysteresis peak, spread on, NOISE_LOW, NOISE_HIGH)
+Trial = tuple[float, bool, float, float]
+TRIALS: dict[str, Trial] = {
+    "a main (spread, h 1.5)": (1.5, True, 0.3, 0.8),
+    "b no spread, h 1.375": (1.375, False, 0.3, 0.8),
+    "c spread, h 1.375": (1.375, True, 0.3, 0.8),
+    "b2 no spread, h 1.5": (1.5, False, 0.3, 0.8),
+    "d1 spread, h 1.25": (1.25, True, 0.3, 0.8),
+    "d2 spread, h 1.0": (1.0, True, 0.3, 0.8),
+    "d3 no spread, h 1.25": (1.25, False, 0.3, 0.8),
+    "d4 no spread, h 1.0": (1.0, False, 0.3, 0.8),
+    "e1 main, gate +0.5 (0.8-1.3)": (1.5, True, 0.8, 1.3),
+    "e2 main, gate +1.0 (1.3-1.8)": (1.5, True, 1.3, 1.8),
+    "f1 spread, h 1.75": (1.75, True, 0.3, 0.8),
+    "f2 spread, h 2.0": (2.0, True, 0.3, 0.8),
+    "g main, gate 0.3-0.55": (1.5, True, 0.3, 0.55),
+}
+
+
+@contextlib.contextmanager
+def trial_settings(trial: Trial) -> Iterator[None]:
+    """Set the adaptive constants of one trial in this process; restore them on exit."""
+    peak, spread, low, high = trial
+    patches: list[tuple[ModuleType, str, object]] = [
+        (quantize_mod, "FITTED_HYSTERESIS", peak),
+        (quantize_mod, "spread_palette", quantize_mod.spread_palette if spread else _no_spread),
+        (dither_mod, "NOISE_LOW", low),
+        (dither_mod, "NOISE_HIGH", high),
+    ]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def cases(ks: Sequence[int]) -> list[tuple[str, str, np.ndarray, int]]:
+    """(set, image name, (H, W, 3) uint8 image, k) for the tuning and the held-out cases."""
+    tuned = bundled_photos()
+    held = {n: load(n, f) for n, f in HELDOUT.items()}
+    return [(s, n, img, k) for s, imgs in (("tuned", tuned), ("heldout", held)) for n, img in imgs.items() for k in ks]
+
+
+def rows(all_cases: list[tuple[str, str, np.ndarray, int]], trials: dict[str, Trial]) -> list[dict[str, Any]]:
+    """One row per case and trial, scored against pngquant's default dithering."""
+    out = []
+    for set_name, name, img, k in all_cases:
+        ref = _scores(img, *pngquant(img, k))
+        for label, trial in trials.items():
+            with trial_settings(trial):
+                scores = _scores(img, *ours(img, k, "adaptive"))
+            r = _versus({"set": set_name, "image": name, "k": k, "trial": label, **scores}, ref)
+            out.append(r)
+            deltas = f"{r['ssim_vs_ref']:+.4f} {r['blur_db_vs_ref']:+.2f} {r['bytes_vs_ref']:.3f}"
+            print(set_name, name, k, label, deltas, flush=True)
+    return out
+
+
+def totals(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per trial: met count and summed shortfall score on the tuned, held-out and all cases."""
+    out = []
+    for trial in dict.fromkeys(r["trial"] for r in table):
+        row: dict[str, Any] = {"trial": trial}
+        for part, keep in (("tuned", {"tuned"}), ("heldout", {"heldout"}), ("all", {"tuned", "heldout"})):
+            rs = [r for r in table if r["trial"] == trial and r["set"] in keep]
+            row[f"met_{part}"] = f"{sum(r['met'] for r in rs)}/{len(rs)}"
+            row[f"score_{part}"] = sum(r["score"] for r in rs)
+        out.append(row)
+    return out
+
+
+def markdown(table: list[dict[str, Any]], info: dict[str, Any]) -> list[str]:
+    """Totals per trial, then one per-case table (cells ΔSSIM / Δblur dB / bytes ×)."""
+    trials = list(dict.fromkeys(r["trial"] for r in table))
+    per_case: list[dict[str, Any]] = []
+    for r in table:
+        if r["trial"] == trials[0]:
+            per_case.append({"set": r["set"], "image": r["image"], "k": r["k"]})
+        cell = f"{r['ssim_vs_ref']:+.4f} / {r['blur_db_vs_ref']:+.2f} / {r['bytes_vs_ref']:.2f}"
+        per_case[-1][r["trial"]] = cell + (" **met**" if r["met"] else "")
+    tot_cols = [("trial", "trial", "")]
+    for part in ("tuned", "heldout", "all"):
+        tot_cols += [(f"met_{part}", f"met {part}", ""), (f"score_{part}", f"score {part}", ".2f")]
+    case_cols = [("set", "set", ""), ("image", "image", ""), ("k", "k", "d"), *[(t, t.split()[0], "") for t in trials]]
+    return [
+        "# Adaptive dithering ablations on tuned and held-out cases (issue 15)",
+        machine_markdown(info),
+        markdown_table(totals(table), tot_cols),
+        "Each cell: ΔSSIM / Δ blurred PSNR dB / bytes × against pngquant's default dithering at the same k.",
+        markdown_table(per_case, case_cols),
+    ]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.dither_generalise", description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", nargs="+", choices=list(TRIALS), default=list(TRIALS), metavar="TRIAL")
+    p.add_argument("--k", nargs="+", type=int, default=[16, 64])
+    p.add_argument("--out", type=Path, default=RESULTS)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("pngquant") is None:
+        print("pngquant is not installed (apt-get install pngquant)", file=sys.stderr)
+        return 2
+    started, info = time.time(), machine_info()
+    table = rows(cases(args.k), {t: TRIALS[t] for t in args.trials})
+    stem = output_stem("dither_generalise", info)
+    write_csv(table, args.out / f"{stem}.csv")
+    path = write_markdown(markdown(table, info), args.out, stem, started)
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
