@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import shutil
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,7 +28,7 @@ from gpu_kquant.colors import ColorSet
 
 from .dither_heldout import HELDOUT, _versus, load
 from .harness import machine_info, machine_markdown, markdown_table, output_stem, write_csv, write_markdown
-from .quality import RESULTS, _scores, bundled_photos, ours, pngquant
+from .quality import RESULTS, _scores, bundled_photos, ours, pngquant, pngquant_missing
 
 # The module, not the function of the same name that gpu_kquant re-exports (``import a.b as c`` gets that).
 quantize_mod = importlib.import_module("gpu_kquant.quantize")
@@ -147,8 +145,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if shutil.which("pngquant") is None:
-        print("pngquant is not installed (apt-get install pngquant)", file=sys.stderr)
+    if pngquant_missing():
         return 2
     started, info = time.time(), machine_info()
     table = rows(cases(args.k), {t: TRIALS[t] for t in args.trials})

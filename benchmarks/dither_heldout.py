@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,17 @@ from typing import Any
 import numpy as np
 
 from .harness import machine_info, machine_markdown, markdown_table, output_stem, write_csv, write_markdown
-from .quality import BLUR_DB_MARGIN, DITHER_BYTES_RATIO, RESULTS, SSIM_MARGIN, _scores, bundled_photos, ours, pngquant
+from .quality import (
+    BLUR_DB_MARGIN,
+    DITHER_BYTES_RATIO,
+    RESULTS,
+    SSIM_MARGIN,
+    _scores,
+    bundled_photos,
+    ours,
+    pngquant,
+    pngquant_missing,
+)
 
 MAX_PIXELS, CROP = 2_000_000, (800, 1280)  # larger photos: a centre crop of 800 x 1280 (H x W)
 
@@ -176,8 +185,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if shutil.which("pngquant") is None:
-        print("pngquant is not installed (apt-get install pngquant)", file=sys.stderr)
+    if pngquant_missing():
         return 2
     started, info = time.time(), machine_info()
     images = {n: load(n, f) for n, f in HELDOUT.items()} if args.set == "heldout" else bundled_photos()

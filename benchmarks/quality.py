@@ -53,6 +53,14 @@ def icons(limit: int) -> dict[str, np.ndarray]:
     return {f"{p.parent.name}/{p.stem}": np.asarray(Image.open(p).convert("RGBA")) for p in paths}
 
 
+def pngquant_missing() -> bool:
+    """True (and says how to install it) when ``pngquant``, every dithering comparison's reference, is not on PATH."""
+    if shutil.which("pngquant") is not None:
+        return False
+    print("pngquant is not installed (apt-get install pngquant)", file=sys.stderr)
+    return True
+
+
 def pngquant(image: np.ndarray, k: int, *extra: str) -> tuple[np.ndarray, int]:
     """Run the pngquant CLI (default speed) on an image; returns (decoded RGB(A) output, file bytes)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,8 +212,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if shutil.which("pngquant") is None:
-        print("pngquant is not installed (apt-get install pngquant)", file=sys.stderr)
+    if pngquant_missing():
         return 2
     started = time.time()
     info = machine_info()

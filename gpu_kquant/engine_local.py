@@ -92,6 +92,7 @@ def shared_histogram(
 
 def _run_todo(
     todo: list[Task],
+    devices: list[torch.device],
     setup: RunSetup,
     run: RunOptions,
     emit: RowEmitter,
@@ -100,7 +101,6 @@ def _run_todo(
     stop: StopFlag,
 ) -> None:
     """The tasks left to do: in this process on one device, else in spawned device processes."""
-    devices = devices_for(run.engine)
     io_threads = 2 * run.engine.workers  # decode and write share one pool: ``workers`` threads for each
     processes = run.engine.processes or (1 if len(devices) > 1 else 0)
     if not processes:
@@ -139,7 +139,8 @@ def run_local(job: Job, run: RunOptions, progress: Progress | None = None) -> Su
     start = time.perf_counter()
     remove_stale_temps(job.roots)
     budget = memory_budget(run.engine)
-    setup = setup_run(job, run, devices_for(run.engine)[0], functools.partial(shared_histogram, budget=budget))
+    devices = devices_for(run.engine)
+    setup = setup_run(job, run, devices[0], functools.partial(shared_histogram, budget=budget))
     summary = Summary()
     report = open_report(job, setup, summary)
     manifest = open_manifest(job, run, setup, report.run_id)
@@ -156,7 +157,7 @@ def run_local(job: Job, run: RunOptions, progress: Progress | None = None) -> Su
                 else:
                     emit(row)
             manifest.claim(t.dst for t in todo)  # before any write: an output renamed into place is known as ours
-            _run_todo(todo, setup, run, emit, budget, clock, stop)
+            _run_todo(todo, devices, setup, run, emit, budget, clock, stop)
     finally:
         manifest.close()  # before the report releases the run's lock
         report.close()

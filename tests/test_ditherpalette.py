@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from common_utils import photo
-from PIL import Image
+from common_utils import assert_meets_issue_15_targets, photo
 
 from gpu_kquant import quantize
 from gpu_kquant.colors import ColorSet, pack
@@ -60,14 +58,4 @@ def test_spread_palette_raises_blurred_psnr_of_adaptive_dithering() -> None:
 def test_chelsea_16_meets_issue_15_targets_against_pngquant(tmp_path: Path) -> None:
     # Issue 15's three targets on chelsea at k = 16 against pngquant's default dithering, met only
     # with the spread palette (the k-means palette: +0.024 SSIM, -0.02 dB; spread: +0.017, +0.32 dB).
-    from gpu_kquant.imagefiles import encode_png
-
-    img = photo("chelsea")
-    Image.fromarray(img).save(tmp_path / "in.png")
-    out_png = tmp_path / "out.png"
-    subprocess.run(["pngquant", "--force", "--output", str(out_png), "16", str(tmp_path / "in.png")], check=True)
-    ref = np.asarray(Image.open(out_png).convert("RGB"))
-    q = quantize(img, 16, dither="adaptive", device="cpu")
-    assert ssim(img, q.to_rgb()) >= ssim(img, ref)
-    assert blurred_psnr(img, q.to_rgb()) >= blurred_psnr(img, ref) + 0.3
-    assert len(encode_png(q.palette, q.indices)) <= 1.05 * out_png.stat().st_size
+    assert_meets_issue_15_targets(photo("chelsea"), 16, tmp_path)
