@@ -15,7 +15,7 @@ import argparse
 import contextlib
 import importlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -85,15 +85,22 @@ def cases(ks: Sequence[int]) -> list[tuple[str, str, np.ndarray, int]]:
     return [(s, n, img, k) for s, imgs in (("tuned", tuned), ("heldout", held)) for n, img in imgs.items() for k in ks]
 
 
-def rows(all_cases: list[tuple[str, str, np.ndarray, int]], trials: dict[str, Trial]) -> list[dict[str, Any]]:
-    """One row per case and trial, scored against pngquant's default dithering."""
+def rows(
+    all_cases: list[tuple[str, str, np.ndarray, int]],
+    trials: dict[str, Any],
+    settings: Callable[[Any], contextlib.AbstractContextManager[None]] = trial_settings,
+) -> list[dict[str, Any]]:
+    """One row per case and trial (set up by ``settings``), scored against pngquant's default dithering."""
     out = []
     for set_name, name, img, k in all_cases:
         ref = _scores(img, *pngquant(img, k))
         for label, trial in trials.items():
-            with trial_settings(trial):
-                scores = _scores(img, *ours(img, k, "adaptive"))
-            r = _versus({"set": set_name, "image": name, "k": k, "trial": label, **scores}, ref)
+            with settings(trial):
+                started = time.perf_counter()
+                result = ours(img, k, "adaptive")
+                seconds = time.perf_counter() - started
+            scores = _scores(img, *result)
+            r = _versus({"set": set_name, "image": name, "k": k, "trial": label, **scores, "seconds": seconds}, ref)
             out.append(r)
             deltas = f"{r['ssim_vs_ref']:+.4f} {r['blur_db_vs_ref']:+.2f} {r['bytes_vs_ref']:.3f}"
             print(set_name, name, k, label, deltas, flush=True)

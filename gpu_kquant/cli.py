@@ -172,7 +172,7 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
         choices=DITHERS,
         default="none",
         help="fs: serpentine Floyd-Steinberg; adaptive (a bare --dither): FS with hysteresis in noisy areas, none "
-        "next to hard edges; ordered: 8x8 Bayer",
+        "next to hard edges, then refined for the eye (fewer dots, truer local means); ordered: 8x8 Bayer",
     )
     parser.add_argument(
         "--palette",
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = glue_negative_values(sys.argv[1:] if argv is None else list(argv))
     # A bare --dither is adaptive: it meets issue 15's targets against pngquant's dithering on
-    # 6/10 photo cases, fs on none (benchmarks/results/dither_perimage_*).
+    # 15/22 photo cases, fs on none (benchmarks/results/dither_refine_*, dither_heldout_*).
     args = parser.parse_args(bare_flag_value(argv, "--dither", DITHERS, "adaptive"))
     # The process entry: what this process needs, set once (library code never does). The
     # decoders enforce --max-pixels themselves with a clear per-file reason.

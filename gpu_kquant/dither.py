@@ -5,7 +5,10 @@ Adaptive dithering is Floyd-Steinberg with two per-pixel maps (:func:`hysteresis
 error is large (hysteresis; the whole error is still passed on, so the local mean is kept),
 which places fewer, later dots where the photo's own noise already hides banding; in
 noise-free gradients it is plain Floyd-Steinberg; and next to hard edges it does not
-dither at all, as pngquant does.
+dither at all, as pngquant does. The diffused result is then refined under an eye model
+(:func:`gpu_kquant.refine.refine`, hard-edge pixels locked): each pixel moves to a neighbouring
+entry when that lowers the blurred error plus a weight (higher where the image is noisy) on its
+own error.
 
 Both work in the fitting colour space and respect the alpha rules of the quantizer:
 fully transparent pixels take the transparent entry and neither take nor pass on
@@ -21,6 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .refine import LAMBDA, refine
 from .spaces import ColorSpace
 
 __all__ = [
@@ -120,6 +124,14 @@ HYSTERESIS = 1.375  # for given palettes; fitted ones are spread and use ditherp
 NOISE_LOW, NOISE_HIGH, NOISE_RADIUS = 0.3, 0.8, 4
 EDGE_RANGE, EDGE_FLAT = 0.2, 0.25
 MIN_ERROR_RANGE = 0.005
+# The refinement's weight of each pixel's own error (gpu_kquant.refine) where the image is noise-free
+# (refine.LAMBDA where it is noisy, the noise ramp between). A uniform error under
+# (0.08 + lam) / (2 (1 + lam)) of a palette step (refine.dead_zone) gets no dots: 15% at lam 0.3, so a
+# clean ramp left rows within 9 levels of a grey undithered (test_dither's gradient); at 0.1 one row
+# of a dotted lattice was still single-coloured; 0.05 passes. Photos barely change: with 0.1 or a
+# constant 0.3 china at k = 64 meets its SSIM target by +0.0002, with 0.05 misses it by -0.00003
+# (benchmarks/results/dither_refine_*).
+LAMBDA_FLAT = 0.05
 
 
 def floyd_steinberg(
@@ -159,8 +171,10 @@ def floyd_steinberg(
     span = float(np.ptp(fixed[4][0])) / 1.2  # the first channel's range (bounds are widened by 10% each side)
     grid = points.reshape(h, w, -1)
     strength = np.where(hard_edges(grid, EDGE_RANGE * span), 0.0, 1.0).astype(np.float32)
-    noisy = hysteresis_map(grid, span / 255.0, hysteresis)
-    return _diffuse(*fixed, strength, noisy, 2.0 * spacing, MIN_ERROR_RANGE * span)
+    ramp = noise_ramp(grid, span / 255.0)
+    labels = _diffuse(*fixed, strength, hysteresis * ramp, 2.0 * spacing, MIN_ERROR_RANGE * span)
+    lam = LAMBDA_FLAT + (LAMBDA - LAMBDA_FLAT) * ramp
+    return refine(grid, classes, fixed[2], fixed[3], labels, locked=strength == 0, lam=lam)
 
 
 def _diffuse(
@@ -220,6 +234,12 @@ def hysteresis_map(points: np.ndarray, level: float, peak: float = HYSTERESIS) -
         level: one level of noise in the space's units (1/255 of the first channel's range).
         peak: the hysteresis where the photo is noisy.
     """
+    result: np.ndarray = (peak * noise_ramp(points, level)).astype(np.float32)
+    return result
+
+
+def noise_ramp(points: np.ndarray, level: float) -> np.ndarray:
+    """How noisy each pixel's surroundings are, (H, W) float32 in [0, 1] (NOISE_LOW to NOISE_HIGH levels)."""
     x = torch.from_numpy(points).permute(2, 0, 1)[None]  # (1, D, H, W)
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
     d2x = (padded[..., 1:-1, :-2] + padded[..., 1:-1, 2:] - 2 * x).abs().mean(1)
@@ -228,7 +248,7 @@ def hysteresis_map(points: np.ndarray, level: float, peak: float = HYSTERESIS) -
     box = torch.nn.functional.pad((d2x + d2y)[None] / 2, (r, r, r, r), mode="replicate")
     noise = torch.nn.functional.avg_pool2d(box, 2 * r + 1, stride=1)[0, 0]
     ramp = ((noise / level - NOISE_LOW) / (NOISE_HIGH - NOISE_LOW)).clamp(0.0, 1.0)
-    result: np.ndarray = (peak * ramp).numpy().astype(np.float32)
+    result: np.ndarray = ramp.numpy().astype(np.float32)
     return result
 
 

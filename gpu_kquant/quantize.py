@@ -363,7 +363,8 @@ def quantize_batch(
             PSNR), ``"oklab"`` or ``"lab"`` (CIELAB D65, best CIEDE2000).
         dither: ``"none"``, ``"fs"`` / ``"adaptive"`` (serpentine Floyd-Steinberg, on the
             CPU; see :mod:`gpu_kquant.dither`; ``adaptive`` first spreads a fitted palette outward,
-            :mod:`gpu_kquant.ditherpalette`) or ``"ordered"`` (8x8 Bayer, on the device).
+            :mod:`gpu_kquant.ditherpalette`, and ends with :mod:`gpu_kquant.refine`) or ``"ordered"``
+            (8x8 Bayer, on the device).
         palette: a fixed palette to map to (:class:`gpu_kquant.Palette` or (k, 3|4) uint8); ``k`` ignored.
         device: where to compute; ``None`` picks CUDA when available.
         seed: seed of each image's own random stream: an image's result does not

@@ -1,0 +1,110 @@
+"""The eye-model refinement of ``--dither adaptive`` on 22 photo cases (``python -m benchmarks.dither_refine``).
+
+Adaptive dithering ends with :func:`gpu_kquant.refine.refine`: a direct binary search that lowers
+||G * E||^2 + sum lam_p |E_p|^2 (G a Gaussian of sigma 1 px). Its settings are the weight lam where the
+image is noisy (dither.LAMBDA) and where it is noise-free (dither.LAMBDA_FLAT), the passes
+(refine.SWEEPS) and the candidates per pixel (refine.NEIGHBOURS). Each trial sets them (module
+attributes, restored afterwards) and is scored on the 22 cases of :mod:`benchmarks.dither_generalise`
+(10 tuning, 12 held-out) against pngquant's default dithering, with the seconds of each quantize.
+Needs ``pngquant`` on PATH. Writes OUT/dither_refine_<machine>_<date>.{csv,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+import gpu_kquant.dither as dither_mod
+import gpu_kquant.refine as refine_mod
+
+from .dither_generalise import cases, markdown, rows
+from .harness import machine_info, output_stem, write_csv, write_markdown
+from .quality import RESULTS, pngquant_missing
+
+# name -> (lam where noisy, lam where noise-free, sweeps, neighbours); lam < 0: no refinement.
+Trial = tuple[float, float, int, int]
+TRIALS: dict[str, Trial] = {
+    "a no refinement (before)": (-1.0, -1.0, 2, 8),
+    "b main (lam 0.3, flat 0.05)": (0.3, 0.05, 2, 8),
+    "c lam 0.2": (0.2, 0.05, 2, 8),
+    "d lam 0.25": (0.25, 0.05, 2, 8),
+    "e lam 0.35": (0.35, 0.05, 2, 8),
+    "f lam 0.4": (0.4, 0.05, 2, 8),
+    "g flat 0": (0.3, 0.0, 2, 8),
+    "h flat 0.1": (0.3, 0.1, 2, 8),
+    "i flat 0.3 (no noise gate)": (0.3, 0.3, 2, 8),
+    "j 4 sweeps": (0.3, 0.05, 4, 8),
+    "k 16 neighbours": (0.3, 0.05, 2, 16),
+    "l lam 0.1": (0.1, 0.05, 2, 8),
+}
+
+
+def _unrefined(
+    points: np.ndarray, classes: np.ndarray, pal: np.ndarray, flags: np.ndarray, labels: np.ndarray, **_: Any
+) -> np.ndarray:
+    """Stand-in for refine: the error-diffused labels unchanged."""
+    return labels
+
+
+@contextlib.contextmanager
+def refine_settings(trial: Trial) -> Iterator[None]:
+    """Set the refinement constants of one trial in this process; restore them on exit."""
+    lam, flat, sweeps, count = trial
+    patches: list[tuple[ModuleType, str, object]] = [
+        (dither_mod, "LAMBDA", lam),
+        (dither_mod, "LAMBDA_FLAT", flat),
+        (dither_mod, "refine", _unrefined if lam < 0 else refine_mod.refine),
+        (refine_mod, "SWEEPS", sweeps),
+        (refine_mod, "NEIGHBOURS", count),
+    ]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.dither_refine", description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", nargs="+", choices=list(TRIALS), default=list(TRIALS), metavar="TRIAL")
+    p.add_argument("--k", nargs="+", type=int, default=[16, 64])
+    p.add_argument("--out", type=Path, default=RESULTS)
+    return p.parse_args(argv)
+
+
+def seconds_table(table: list[dict[str, Any]]) -> list[str]:
+    """Mean seconds of an adaptive quantize per trial (this machine, one process)."""
+    lines = ["| trial | mean s per quantize |", "|---|---|"]
+    for trial in dict.fromkeys(r["trial"] for r in table):
+        secs = [r["seconds"] for r in table if r["trial"] == trial]
+        lines.append(f"| {trial} | {sum(secs) / len(secs):.3f} |")
+    return ["\n".join(lines)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if pngquant_missing():
+        return 2
+    started, info = time.time(), machine_info()
+    table = rows(cases(args.k), {t: TRIALS[t] for t in args.trials}, refine_settings)
+    stem = output_stem("dither_refine", info)
+    write_csv(table, args.out / f"{stem}.csv")
+    lines = markdown(table, info)
+    lines[0] = "# The eye-model refinement of adaptive dithering on tuned and held-out cases (issue 15)"
+    path = write_markdown([*lines, *seconds_table(table)], args.out, stem, started)
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
