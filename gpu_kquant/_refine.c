@@ -1,36 +1,41 @@
 /*
  * Perceptual refinement of a dithered index map (direct binary search, issue 15): each pixel in turn
  * moves to one of its entry's palette neighbours when that lowers
- *     J = ||G * E||^2 + sum_p lam_p |E_p|^2,   E = palette[labels] - image,
+ *     J = ||G * E||^2 + sum_p lam_p penalty(E_p),   E = palette[labels] - image,
  * G a Gaussian (the eye's blur, sigma 1 px), E zero outside the image. The first term is what a viewer
- * sees (the error of local means), the second keeps each pixel near its own colour (less dither noise).
- * g = dJ/dE / 2 = A E + lam E (per pixel), A = G^T G = a (x) a with a the 1-D autocorrelation of G's 1-D kernel;
- * moving pixel p by d changes J by 2 d.g_p + |d|^2 (a(0)^2 + lam_p), and g is then updated in the
- * (2R+1)^2 box around p (R the radius of a). Pixels are visited by phase: all (y, x) with
- * y = py (mod P), x = px (mod P), P = R + 1 > R apart, do not interact, so the result equals the
+ * sees (the error of local means), the second keeps each pixel near its own colour (less dither noise);
+ * penalty(E) = |E|^2 up to `huber`, then linear in |E| (huber <= 0: squared everywhere).
+ * g = A E, A = G^T G = a (x) a with a the 1-D autocorrelation of G's 1-D kernel; moving pixel p by d
+ * changes J by 2 d.g_p + |d|^2 a(0)^2 + lam_p (penalty(E_p + d) - penalty(E_p)), and g is then
+ * updated in the (2R+1)^2 box around p (R the radius of a). Pixels are visited by phase: all (y, x)
+ * with y = py (mod P), x = px (mod P), P = R + 1 > R apart, do not interact, so the result equals the
  * vectorised reference (gpu_kquant.refine._refine_torch) that updates a whole phase at once.
  *
  * refine(image, classes, palette, flags, neighbours, locked, labels, grad, a, lam, height, width, dims,
- *        entries, count, tol, sweeps) -> number of moves
+ *        entries, count, tol, huber, sweeps) -> number of moves
  *   image      float32 (height, width, dims), the pixels in the fitting colour space
  *   classes    uint8   (height, width): 0 fully transparent (never moves), 1 opaque, 2 translucent
  *   palette    float32 (entries, dims)
  *   flags      uint8   (entries): bit 1 usable by opaque pixels, bit 2 by translucent pixels
- *   neighbours int32   (entries, count): each entry's candidates, nearest first
+ *   neighbours int32   (entries, count): each entry's candidates, nearest first (-1: none)
  *   locked     uint8   (height, width) or None: pixels that never move (next to hard edges)
  *   labels     int32   (height, width), read and written
- *   grad       float32 (height, width, dims), g for the given labels, read and written
+ *   grad       float32 (height, width, dims), scratch: g for the labels as they go
  *   a          float32 (2R+1): the 1-D autocorrelation of the eye's kernel
  *   lam        float32 (height, width): the weight of each pixel's own error
  *   tol        a move must lower J by more than this
+ *   huber      the penalty's threshold, in the space's units
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "_buffers.h"
 
 #define MAX_DIMS 4
+#define MAX_RADIUS 32
 
 typedef struct {
     const float *image, *palette, *a;
@@ -40,28 +45,42 @@ typedef struct {
     float *grad;
     int height, width, dims, entries, count, radius;
     const float *lam; /* per pixel */
-    float tol;
+    float tol, huber;
 } Problem;
 
-/* The best move of pixel `at` (-1: none lowers J by more than tol). */
+/* The penalty of an own error of squared length e2: e2 up to huber^2, then linear in the length. */
+static float penalty(float e2, float huber) {
+    if (huber <= 0.0f || e2 <= huber * huber) return e2;
+    return 2.0f * huber * sqrtf(e2) - huber * huber;
+}
+
+/* The best move of pixel `at` (-1: none lowers J by more than tol). With t = entry c - entry cur and
+ * E the pixel's own error, J changes by 2 t.g + a(0)^2 |t|^2 + lam (penalty(|E + t|^2) - penalty(|E|^2)). */
 static int best_move(const Problem *q, size_t at) {
-    const float center = q->a[q->radius] * q->a[q->radius] + q->lam[at];
+    const float center = q->a[q->radius] * q->a[q->radius];
     const int dims = q->dims, cur = q->labels[at];
     const unsigned char need = q->classes[at] == 1 ? 1 : 2;
-    const float *g = q->grad + at * dims, *pc = q->palette + (size_t)cur * dims;
+    const float *g = q->grad + at * dims, *pc = q->palette + (size_t)cur * dims, *px = q->image + at * dims;
+    float e[MAX_DIMS], e2 = 0.0f;
+    for (int d = 0; d < dims; d++) {
+        e[d] = pc[d] - px[d];
+        e2 += e[d] * e[d];
+    }
+    const float lam = q->lam[at], own = penalty(e2, q->huber);
     int best = -1;
     float best_dj = -q->tol;
     for (int r = 0; r < q->count; r++) {
         const int c = q->neighbours[(size_t)cur * q->count + r];
         if (c < 0 || c == cur || !(q->flags[c] & need)) continue;
         const float *pn = q->palette + (size_t)c * dims;
-        float lin = 0.0f, sq = 0.0f;
+        float lin = 0.0f, cross = 0.0f, sq = 0.0f;
         for (int d = 0; d < dims; d++) {
             const float t = pn[d] - pc[d];
             lin += t * g[d];
+            cross += t * e[d];
             sq += t * t;
         }
-        const float dj = 2.0f * lin + center * sq;
+        const float dj = 2.0f * lin + center * sq + lam * (penalty(e2 + 2.0f * cross + sq, q->huber) - own);
         if (dj < best_dj) {
             best_dj = dj;
             best = c;
@@ -70,7 +89,8 @@ static int best_move(const Problem *q, size_t at) {
     return best;
 }
 
-/* Move pixel (y, x) to entry c and update g in the box around it. */
+/* Move pixel (y, x) to entry c and update g += A delta in the box around it: one weighted row of
+ * delta (contiguous, so the per-row update vectorises), added to each row of the box. */
 static void move(const Problem *q, int y, int x, int c) {
     const int dims = q->dims, R = q->radius;
     const size_t at = (size_t)y * q->width + x;
@@ -80,15 +100,49 @@ static void move(const Problem *q, int y, int x, int c) {
     q->labels[at] = c;
     const int y0 = y - R < 0 ? 0 : y - R, y1 = y + R >= q->height ? q->height - 1 : y + R;
     const int x0 = x - R < 0 ? 0 : x - R, x1 = x + R >= q->width ? q->width - 1 : x + R;
+    float wrow[(2 * MAX_RADIUS + 1) * MAX_DIMS];
+    const int span = (x1 - x0 + 1) * dims;
+    for (int u = x0; u <= x1; u++)
+        for (int d = 0; d < dims; d++) wrow[(u - x0) * dims + d] = q->a[u - x + R] * delta[d];
     for (int v = y0; v <= y1; v++) {
         const float av = q->a[v - y + R];
-        float *row = q->grad + ((size_t)v * q->width) * dims;
-        for (int u = x0; u <= x1; u++) {
-            const float w = av * q->a[u - x + R];
-            for (int d = 0; d < dims; d++) row[(size_t)u * dims + d] += w * delta[d];
+        float *row = q->grad + ((size_t)v * q->width + x0) * dims;
+        for (int i = 0; i < span; i++) row[i] += av * wrow[i];
+    }
+}
+
+/* grad = A E for the current labels (E zero on transparent pixels and outside the image): E is
+ * written into grad, filtered by a along rows into tmp, then along columns back into grad; each tap
+ * is one contiguous multiply-add over a row, which vectorises. */
+static void initial_gradient(const Problem *q, float *tmp) {
+    const int dims = q->dims, R = q->radius, H = q->height, W = q->width;
+    const size_t row_len = (size_t)W * dims;
+    for (size_t at = 0; at < (size_t)H * W; at++) {
+        const float *pc = q->palette + (size_t)q->labels[at] * dims, *px = q->image + at * dims;
+        for (int d = 0; d < dims; d++) q->grad[at * dims + d] = q->classes[at] == 0 ? 0.0f : pc[d] - px[d];
+    }
+    memset(tmp, 0, sizeof(float) * (size_t)H * row_len);
+    for (int y = 0; y < H; y++) {
+        const float *e = q->grad + (size_t)y * row_len;
+        float *out = tmp + (size_t)y * row_len;
+        for (int k = -R; k <= R; k++) {
+            const float w = q->a[k + R];
+            const int x0 = k < 0 ? -k : 0, x1 = k > 0 ? W - k : W; /* x + k within the row */
+            if (x1 <= x0) continue;
+            const float *src = e + (size_t)(x0 + k) * dims;
+            float *dst = out + (size_t)x0 * dims;
+            for (size_t i = 0; i < (size_t)(x1 - x0) * dims; i++) dst[i] += w * src[i];
         }
     }
-    for (int d = 0; d < dims; d++) q->grad[at * dims + d] += q->lam[at] * delta[d];
+    for (int y = 0; y < H; y++) {
+        float *out = q->grad + (size_t)y * row_len;
+        memset(out, 0, sizeof(float) * row_len);
+        for (int v = y - R < 0 ? 0 : y - R; v <= (y + R >= H ? H - 1 : y + R); v++) {
+            const float w = q->a[v - y + R];
+            const float *row = tmp + (size_t)v * row_len;
+            for (size_t i = 0; i < row_len; i++) out[i] += w * row[i];
+        }
+    }
 }
 
 static long long sweep(const Problem *q) {
@@ -113,8 +167,8 @@ static PyObject *py_refine(PyObject *self, PyObject *args) {
     PyObject *o[10];
     Problem q;
     int sweeps;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOiiiiifi", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9],
-                          &q.height, &q.width, &q.dims, &q.entries, &q.count, &q.tol, &sweeps))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOiiiiiffi", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9],
+                          &q.height, &q.width, &q.dims, &q.entries, &q.count, &q.tol, &q.huber, &sweeps))
         return NULL;
     if (q.height < 1 || q.width < 1 || q.dims < 1 || q.dims > MAX_DIMS || q.entries < 1 || q.count < 1) {
         PyErr_SetString(PyExc_ValueError, "refine: bad shape");
@@ -137,6 +191,10 @@ static PyObject *py_refine(PyObject *self, PyObject *args) {
         goto fail;
     }
     q.radius = (int)(v[8].view.len / 4 / 2);
+    if (q.radius > MAX_RADIUS) {
+        PyErr_SetString(PyExc_ValueError, "refine: a is too long");
+        goto fail;
+    }
     q.image = v[0].view.buf;
     q.classes = v[1].view.buf;
     q.palette = v[2].view.buf;
@@ -157,9 +215,16 @@ static PyObject *py_refine(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "refine: neighbour out of range");
             goto fail;
         }
+    float *tmp = malloc(sizeof(float) * (size_t)n * q.dims);
+    if (!tmp) {
+        PyErr_NoMemory();
+        goto fail;
+    }
     long long moves = 0;
-    Py_BEGIN_ALLOW_THREADS for (int s = 0; s < sweeps; s++) moves += sweep(&q);
-    Py_END_ALLOW_THREADS release(v, 10);
+    Py_BEGIN_ALLOW_THREADS initial_gradient(&q, tmp);
+    for (int s = 0; s < sweeps; s++) moves += sweep(&q);
+    Py_END_ALLOW_THREADS free(tmp);
+    release(v, 10);
     return PyLong_FromLongLong(moves);
 fail:
     release(v, 10);

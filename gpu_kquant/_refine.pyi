@@ -19,6 +19,7 @@ def refine(
     entries: int,
     count: int,
     tol: float,
+    huber: float,
     sweeps: int,
     /,
 ) -> int: ...

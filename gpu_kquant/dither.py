@@ -125,12 +125,11 @@ NOISE_LOW, NOISE_HIGH, NOISE_RADIUS = 0.3, 0.8, 4
 EDGE_RANGE, EDGE_FLAT = 0.2, 0.25
 MIN_ERROR_RANGE = 0.005
 # The refinement's weight of each pixel's own error (gpu_kquant.refine) where the image is noise-free
-# (refine.LAMBDA where it is noisy, the noise ramp between). A uniform error under
-# (0.08 + lam) / (2 (1 + lam)) of a palette step (refine.dead_zone) gets no dots: 15% at lam 0.3, so a
-# clean ramp left rows within 9 levels of a grey undithered (test_dither's gradient); at 0.1 one row
-# of a dotted lattice was still single-coloured; 0.05 passes. Photos barely change: with 0.1 or a
-# constant 0.3 china at k = 64 meets its SSIM target by +0.0002, with 0.05 misses it by -0.00003
-# (benchmarks/results/dither_refine_*).
+# (refine.LAMBDA where it is noisy, the noise ramp between). A uniform error under refine.dead_zone of
+# a palette step gets no dots: with the squared penalty at lam 0.3 everywhere, 15% of a step, so a
+# clean ramp left rows within 9 levels of a grey undithered (test_dither's gradient; 0.1 still left
+# one row of a dotted lattice single-coloured, 0.05 passes). Photos barely change (china at k = 64,
+# the squared penalty: SSIM +0.0002 with 0.1, -0.00003 with 0.05; benchmarks/results/dither_refine_*).
 LAMBDA_FLAT = 0.05
 
 
@@ -174,7 +173,7 @@ def floyd_steinberg(
     ramp = noise_ramp(grid, span / 255.0)
     labels = _diffuse(*fixed, strength, hysteresis * ramp, 2.0 * spacing, MIN_ERROR_RANGE * span)
     lam = LAMBDA_FLAT + (LAMBDA - LAMBDA_FLAT) * ramp
-    return refine(grid, classes, fixed[2], fixed[3], labels, locked=strength == 0, lam=lam)
+    return refine(grid, classes, fixed[2], fixed[3], labels, locked=strength == 0, lam=lam, span=span)
 
 
 def _diffuse(

@@ -60,12 +60,20 @@ def reference_error(points: np.ndarray, classes: np.ndarray, pal: np.ndarray, la
     return np.asarray(err)
 
 
+def reference_penalty(err: np.ndarray, pal: np.ndarray) -> np.ndarray:
+    """The own-error penalty per pixel (H, W) float64: |E|^2 up to refine.HUBER of 255, then linear
+    in |E| (value and slope continuous)."""
+    c = refine_mod.HUBER * 255.0  # refine()'s default span
+    length = np.sqrt(np.square(err).sum(-1))
+    return np.asarray(np.where((c <= 0) | (length <= c), length**2, 2 * c * length - c * c))
+
+
 def reference_j(
     points: np.ndarray, classes: np.ndarray, pal: np.ndarray, labels: np.ndarray, lam: np.ndarray | float
 ) -> float:
     err = reference_error(points, classes, pal, labels)
     lam64 = np.broadcast_to(np.asarray(lam, np.float64), labels.shape)
-    return float(np.square(blur_full(err)).sum() + (lam64 * np.square(err).sum(-1)).sum())
+    return float(np.square(blur_full(err)).sum() + (lam64 * reference_penalty(err, pal)).sum())
 
 
 def reference_neighbours(pal: np.ndarray, count: int) -> np.ndarray:
@@ -178,7 +186,7 @@ def test_refine_lowers_j_on_a_floyd_steinberg_photo_crop(backend: str) -> None:
     before = reference_j(points, classes, pal, labels, lam)
     after = reference_j(points, classes, pal, out, lam)
     assert (out != labels).any()
-    assert after < 0.95 * before
+    assert after < before  # only moves that lower J are taken (3.5% lower here)
 
 
 @pytest.mark.parametrize("rgba", [False, True])
@@ -191,15 +199,18 @@ def test_refine_ends_in_a_local_optimum(backend: str, rgba: bool) -> None:
     center = float(np.square(k).sum()) ** 2  # A's diagonal: the 2-D kernel's squared norm
     lam = case.lam.astype(np.float64)
     err = reference_error(case.points, case.classes, case.pal, out)
-    grad = blur_adjoint(blur_full(err)) + lam[..., None] * err  # dJ/dE / 2 in float64
+    grad = blur_adjoint(blur_full(err))  # the blurred term's dJ/dE / 2 in float64
     pal = case.pal.astype(np.float64)
-    # Moving pixel p by d changes J by 2 d.g_p + |d|^2 (|G|^2 + lam_p), g = G^T G E + lam E: every
-    # move of every movable pixel to an entry its class may use.
+    # Moving pixel p by d changes J by 2 d.g_p + |d|^2 |G|^2 + lam_p (penalty(E_p + d) - penalty(E_p)),
+    # g = G^T G E: every move of every movable pixel to an entry its class may use.
     cand = neighbours[out]  # (H, W, count)
     allowed = np.stack([usable(case.flags, case.classes, c) for c in np.moveaxis(cand, -1, 0)], -1)
     allowed &= (case.classes > 0)[..., None]
     delta = pal[cand] - pal[out][..., None, :]
-    dj = 2 * (delta * grad[..., None, :]).sum(-1) + (center + lam[..., None]) * np.square(delta).sum(-1)
+    moved_err = pal[cand] - case.points.astype(np.float64)[..., None, :]
+    own = reference_penalty(err, case.pal)[..., None]
+    pen = np.moveaxis(np.stack([reference_penalty(e, case.pal) for e in np.moveaxis(moved_err, -2, 0)]), 0, -1)
+    dj = 2 * (delta * grad[..., None, :]).sum(-1) + center * np.square(delta).sum(-1) + lam[..., None] * (pen - own)
     dj = np.where(allowed, dj, np.inf)
     scale = center * float(np.ptp(pal[:, 0])) ** 2  # a full-range step's blurred cost
     assert dj.min() > -1e-5 * scale, f"a move lowers J by {-dj.min():.4g}"
