@@ -59,6 +59,19 @@ TRIALS: dict[str, Trial] = {
 
 
 @contextlib.contextmanager
+def patched(patches: Sequence[tuple[ModuleType, str, object]]) -> Iterator[None]:
+    """Set module attributes (module, name, value) in this process; restore them on exit."""
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+@contextlib.contextmanager
 def trial_settings(trial: Trial) -> Iterator[None]:
     """Set the adaptive constants of one trial in this process; restore them on exit."""
     peak, spread, low, high = trial
@@ -68,14 +81,8 @@ def trial_settings(trial: Trial) -> Iterator[None]:
         (dither_mod, "NOISE_LOW", low),
         (dither_mod, "NOISE_HIGH", high),
     ]
-    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
-    for module, name, value in patches:
-        setattr(module, name, value)
-    try:
+    with patched(patches):
         yield
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
 
 
 def cases(ks: Sequence[int]) -> list[tuple[str, str, np.ndarray, int]]:

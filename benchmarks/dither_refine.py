@@ -26,7 +26,7 @@ import numpy as np
 import gpu_kquant.dither as dither_mod
 import gpu_kquant.refine as refine_mod
 
-from .dither_generalise import cases, markdown, rows
+from .dither_generalise import cases, markdown, patched, rows
 from .harness import machine_info, output_stem, write_csv, write_markdown
 from .quality import RESULTS, ours, pngquant_missing
 
@@ -68,14 +68,8 @@ def refine_settings(trial: Trial) -> Iterator[None]:
         (refine_mod, "NEIGHBOURS", count),
         (refine_mod, "HUBER", huber),
     ]
-    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
-    for module, name, value in patches:
-        setattr(module, name, value)
-    try:
+    with patched(patches):
         yield
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
