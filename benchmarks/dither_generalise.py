@@ -39,6 +39,9 @@ def _no_spread(cs: ColorSet, labels: torch.Tensor, palette: torch.Tensor) -> tor
     return palette
 
 
+# (set, image name, (H, W, 3) uint8 image, k)
+Case = tuple[str, str, np.ndarray, int]
+
 # name -> (fitted-palette hysteresis peak, spread on, NOISE_LOW, NOISE_HIGH)
 Trial = tuple[float, bool, float, float]
 TRIALS: dict[str, Trial] = {
@@ -85,7 +88,7 @@ def trial_settings(trial: Trial) -> Iterator[None]:
         yield
 
 
-def cases(ks: Sequence[int]) -> list[tuple[str, str, np.ndarray, int]]:
+def cases(ks: Sequence[int]) -> list[Case]:
     """(set, image name, (H, W, 3) uint8 image, k) for the tuning and the held-out cases."""
     tuned = bundled_photos()
     held = {n: load(n, f) for n, f in HELDOUT.items()}
@@ -93,7 +96,7 @@ def cases(ks: Sequence[int]) -> list[tuple[str, str, np.ndarray, int]]:
 
 
 def rows(
-    all_cases: list[tuple[str, str, np.ndarray, int]],
+    all_cases: list[Case],
     trials: dict[str, Any],
     settings: Callable[[Any], contextlib.AbstractContextManager[None]] = trial_settings,
 ) -> list[dict[str, Any]]:
@@ -127,7 +130,10 @@ def totals(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def markdown(table: list[dict[str, Any]], info: dict[str, Any]) -> list[str]:
+TITLE = "# Adaptive dithering ablations on tuned and held-out cases (issue 15)"
+
+
+def markdown(table: list[dict[str, Any]], info: dict[str, Any], title: str = TITLE) -> list[str]:
     """Totals per trial, then one per-case table (cells ΔSSIM / Δblur dB / bytes ×)."""
     trials = list(dict.fromkeys(r["trial"] for r in table))
     per_case: list[dict[str, Any]] = []
@@ -141,7 +147,7 @@ def markdown(table: list[dict[str, Any]], info: dict[str, Any]) -> list[str]:
         tot_cols += [(f"met_{part}", f"met {part}", ""), (f"score_{part}", f"score {part}", ".2f")]
     case_cols = [("set", "set", ""), ("image", "image", ""), ("k", "k", "d"), *[(t, t.split()[0], "") for t in trials]]
     return [
-        "# Adaptive dithering ablations on tuned and held-out cases (issue 15)",
+        title,
         machine_markdown(info),
         markdown_table(totals(table), tot_cols),
         "Each cell: ΔSSIM / Δ blurred PSNR dB / bytes × against pngquant's default dithering at the same k.",
@@ -157,17 +163,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def report(
+    args: argparse.Namespace,
+    prefix: str,
+    trials: dict[str, Any],
+    settings: Callable[[Any], contextlib.AbstractContextManager[None]],
+    title: str = TITLE,
+    extra: Callable[[list[dict[str, Any]], list[Case]], list[str]] | None = None,
+) -> int:
+    """Score ``args.trials`` on every case, write OUT/<prefix>_<machine>_<date>.{csv,md} (plus the
+    ``extra`` sections of the table and the cases) and print the Markdown; 2 without pngquant."""
     if pngquant_missing():
         return 2
     started, info = time.time(), machine_info()
-    table = rows(cases(args.k), {t: TRIALS[t] for t in args.trials})
-    stem = output_stem("dither_generalise", info)
+    all_cases = cases(args.k)
+    table = rows(all_cases, {t: trials[t] for t in args.trials}, settings)
+    stem = output_stem(prefix, info)
     write_csv(table, args.out / f"{stem}.csv")
-    path = write_markdown(markdown(table, info), args.out, stem, started)
+    sections = [*markdown(table, info, title), *(extra(table, all_cases) if extra else [])]
+    path = write_markdown(sections, args.out, stem, started)
     print(path.read_text())
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return report(parse_args(argv), "dither_generalise", TRIALS, trial_settings)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,8 @@ import numpy as np
 import gpu_kquant.dither as dither_mod
 import gpu_kquant.refine as refine_mod
 
-from .dither_generalise import cases, markdown, patched, rows
-from .harness import machine_info, output_stem, write_csv, write_markdown
-from .quality import RESULTS, ours, pngquant_missing
+from .dither_generalise import Case, patched, report
+from .quality import RESULTS, ours
 
 # name -> (lam where noisy, lam where noise-free, sweeps, neighbours, huber); lam < 0: no refinement.
 Trial = tuple[float, float, int, int, float]
@@ -89,12 +88,12 @@ def seconds_table(table: list[dict[str, Any]]) -> list[str]:
     return ["\n".join(lines)]
 
 
-def timing_table(ks: Sequence[int], repeats: int = 5) -> list[str]:
+def timing_table(all_cases: list[Case], repeats: int = 5) -> list[str]:
     """The refinement's cost: an adaptive quantize of each tuning photo without (trial a) and with it
     (trial b), runs interleaved, median of ``repeats``."""
     before, after = TRIALS["a no refinement (before)"], TRIALS["b main (huber 0.03, lam 0.8, flat 0.05)"]
     lines = ["| image | pixels | k | s without | s with | ratio |", "|---|---:|---:|---:|---:|---:|"]
-    for set_name, name, img, k in cases(ks):
+    for set_name, name, img, k in all_cases:
         if set_name != "tuned":
             continue
         secs: dict[Trial, list[float]] = {before: [], after: []}
@@ -110,18 +109,15 @@ def timing_table(ks: Sequence[int], repeats: int = 5) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if pngquant_missing():
-        return 2
-    started, info = time.time(), machine_info()
-    table = rows(cases(args.k), {t: TRIALS[t] for t in args.trials}, refine_settings)
-    stem = output_stem("dither_refine", info)
-    write_csv(table, args.out / f"{stem}.csv")
-    lines = markdown(table, info)
-    lines[0] = "# The eye-model refinement of adaptive dithering on tuned and held-out cases (issue 15)"
-    path = write_markdown([*lines, *seconds_table(table), *timing_table(args.k)], args.out, stem, started)
-    print(path.read_text())
-    return 0
+    title = "# The eye-model refinement of adaptive dithering on tuned and held-out cases (issue 15)"
+    return report(
+        parse_args(argv),
+        "dither_refine",
+        TRIALS,
+        refine_settings,
+        title,
+        lambda table, all_cases: [*seconds_table(table), *timing_table(all_cases)],
+    )
 
 
 if __name__ == "__main__":

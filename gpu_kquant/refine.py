@@ -65,7 +65,7 @@ def dead_zone(lam: float, step: float, huber: float = 0.0, sigma: float = EYE_SI
     """
 
     def penalty(e: float) -> float:
-        return e * e if huber <= 0 or e <= huber else 2 * huber * e - huber * huber
+        return float(_penalty(torch.tensor(e * e, dtype=torch.float64), huber))
 
     def gain(e: float) -> float:
         return 2 * step * e - step * step / (4 * np.pi * sigma**2) - lam * (penalty(step - e) - penalty(e))
