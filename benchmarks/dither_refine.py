@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -88,22 +88,26 @@ def seconds_table(table: list[dict[str, Any]]) -> list[str]:
     return ["\n".join(lines)]
 
 
-def timing_table(all_cases: list[Case], repeats: int = 5) -> list[str]:
-    """The refinement's cost: an adaptive quantize of each tuning photo without (trial a) and with it
-    (trial b), runs interleaved, median of ``repeats``."""
-    before, after = TRIALS["a no refinement (before)"], TRIALS["b main (huber 0.03, lam 0.8, flat 0.05)"]
+def timing_table(
+    all_cases: list[Case],
+    settings: Callable[[Any], contextlib.AbstractContextManager[None]] = refine_settings,
+    pair: tuple[Any, Any] = (TRIALS["a no refinement (before)"], TRIALS["b main (huber 0.03, lam 0.8, flat 0.05)"]),
+    repeats: int = 5,
+) -> list[str]:
+    """The cost of a change: an adaptive quantize of each tuning photo under the two trials of ``pair``
+    (without, with; by default the refinement), runs interleaved, median of ``repeats``."""
     lines = ["| image | pixels | k | s without | s with | ratio |", "|---|---:|---:|---:|---:|---:|"]
     for set_name, name, img, k in all_cases:
         if set_name != "tuned":
             continue
-        secs: dict[Trial, list[float]] = {before: [], after: []}
+        secs: list[list[float]] = [[], []]
         for _ in range(repeats):
-            for trial in (before, after):
-                with refine_settings(trial):
+            for i, trial in enumerate(pair):
+                with settings(trial):
                     started = time.perf_counter()
                     ours(img, k, "adaptive")
-                    secs[trial].append(time.perf_counter() - started)
-        a, b = (float(np.median(secs[t])) for t in (before, after))
+                    secs[i].append(time.perf_counter() - started)
+        a, b = (float(np.median(s)) for s in secs)
         lines.append(f"| {name} | {img.shape[0] * img.shape[1]} | {k} | {a:.3f} | {b:.3f} | {b / a:.2f} |")
     return ["\n".join(lines)]
 

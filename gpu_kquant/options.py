@@ -68,6 +68,9 @@ class FitOptions:
         tol: Lloyd tolerance, relative to the data's variance (scikit-learn's rule).
         max_fit_points: colour sets above this are fitted on a histogram
             (``None``: :func:`auto_fit_points`).
+        exact_finish: after a fit on a histogram, run Lloyd on the exact colours from its
+            result (``None``: only for ``--dither adaptive``, whose dithering costs several
+            times the fit; see :func:`gpu_kquant.fitplan.fit_palettes`).
         stop: a cooperative stop (a :class:`gpu_kquant.stopping.StopFlag`, or any
             :class:`threading.Event`): once set, k-means raises
             :class:`gpu_kquant.stopping.Stopped` between iterations. Not part of what the
@@ -81,6 +84,7 @@ class FitOptions:
     max_iter: int = 300
     tol: float = 1e-4
     max_fit_points: int | None = None
+    exact_finish: bool | None = None
     stop: threading.Event | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:

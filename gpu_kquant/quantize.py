@@ -14,7 +14,7 @@ map to opaque entries, and entries with transparency come first in the palette.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -299,10 +299,11 @@ def _used_in_order(pal_alpha: torch.Tensor, usage: torch.Tensor) -> torch.Tensor
 
 
 def _fit_options(options: FitOptions | None, dither: str, **fields: object) -> FitOptions:
-    """The fit's typed options: ``options`` as given, or built from the keyword fields."""
+    """The fit's typed options: ``options`` as given, or built from the keyword fields; ``exact_finish`` resolved."""
     if dither not in DITHERS:
         raise ValueError(f"dither must be one of {', '.join(DITHERS)}, got {dither!r}")
-    return options if options is not None else FitOptions(**fields)  # type: ignore[arg-type]
+    fit = options if options is not None else FitOptions(**fields)  # type: ignore[arg-type]
+    return fit if fit.exact_finish is not None else replace(fit, exact_finish=dither == "adaptive")
 
 
 def fit_palette(
@@ -362,8 +363,9 @@ def quantize_batch(
         space: colour space of the fit and of the mapping: ``"rgb"`` (sRGB, best
             PSNR), ``"oklab"`` or ``"lab"`` (CIELAB D65, best CIEDE2000).
         dither: ``"none"``, ``"fs"`` / ``"adaptive"`` (serpentine Floyd-Steinberg, on the
-            CPU; see :mod:`gpu_kquant.dither`; ``adaptive`` first spreads a fitted palette outward,
-            :mod:`gpu_kquant.ditherpalette`, and ends with :mod:`gpu_kquant.refine`) or ``"ordered"``
+            CPU; see :mod:`gpu_kquant.dither`; ``adaptive`` fits its palette to the exact colours
+            (:attr:`~gpu_kquant.options.FitOptions.exact_finish`), spreads it outward
+            (:mod:`gpu_kquant.ditherpalette`) and ends with :mod:`gpu_kquant.refine`) or ``"ordered"``
             (8x8 Bayer, on the device).
         palette: a fixed palette to map to (:class:`gpu_kquant.Palette` or (k, 3|4) uint8); ``k`` ignored.
         device: where to compute; ``None`` picks CUDA when available.

@@ -289,3 +289,16 @@ def test_c_image_kernels_change_no_result(monkeypatch: pytest.MonkeyPatch) -> No
         np.testing.assert_array_equal(a.palette, b.palette)
         np.testing.assert_array_equal(a.indices, b.indices)
         assert a.mse == b.mse
+
+
+@pytest.mark.parametrize(("dither", "given", "expected"), [
+    ("adaptive", None, True), ("none", None, False), ("fs", None, False),
+    ("adaptive", False, False), ("none", True, True),
+])  # fmt: skip
+def test_exact_finish_defaults_on_for_adaptive_dithering_only(dither: str, given: bool | None, expected: bool) -> None:
+    from gpu_kquant.options import FitOptions
+    from gpu_kquant.quantize import _fit_options
+
+    assert _fit_options(FitOptions(exact_finish=given), dither).exact_finish is expected
+    if given is None:
+        assert _fit_options(None, dither, k=8).exact_finish is expected
