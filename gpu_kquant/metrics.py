@@ -258,9 +258,12 @@ def pixel_error(src: torch.Tensor, dst: torch.Tensor, channels: int) -> torch.Te
 
 
 def binomial_blur(img: torch.Tensor) -> torch.Tensor:
-    """3x3 binomial blur of (H, W, C) float64, edges replicated."""
-    x = img.permute(2, 0, 1)[:, None]
-    k = torch.tensor([1.0, 2.0, 1.0], dtype=x.dtype, device=x.device) / 4
-    x = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
-    x = torch.nn.functional.conv2d(x, (k[:, None] * k[None, :])[None, None])
-    return x[:, 0].permute(1, 2, 0)
+    """3x3 binomial blur of (H, W, C) float64, edges replicated.
+
+    Two [1, 2, 1] / 4 passes of shifted adds: a float64 conv2d has no fast CPU kernel
+    and took 29 ms per call on a 0.27 MP image (a sixth of an adaptive quantize).
+    """
+    x = torch.cat([img[:1], img, img[-1:]], 0)
+    x = (x[:-2] + 2 * x[1:-1] + x[2:]) / 4
+    x = torch.cat([x[:, :1], x, x[:, -1:]], 1)
+    return (x[:, :-2] + 2 * x[:, 1:-1] + x[:, 2:]) / 4

@@ -286,7 +286,7 @@ def _map_dithered(
     out = palette[pixel_labels]
     mse = float(pixel_error(pixels, out, c).mean()) / c
     src, dst = (premultiplied_rgba(pixels), premultiplied_rgba(out)) if rgba else (pixels.double(), out.double())
-    blur_mse = float((binomial_blur(src) - binomial_blur(dst)).square().mean()) * src.shape[-1] / c
+    blur_mse = float(binomial_blur(src - dst).square().mean()) * src.shape[-1] / c  # the blur is linear
     usage = torch.bincount(pixel_labels.reshape(-1), minlength=palette.shape[0])
     return pixel_labels, mse, blur_mse, usage
 

@@ -160,3 +160,24 @@ def test_sampled_ssim_of_tiny_and_equal_images() -> None:
     palette, inverse = np.unique(img.reshape(-1, 3), axis=0, return_inverse=True)
     assert sampled(img, palette, inverse.reshape(6, 9)) == pytest.approx(1.0)
     assert sampled(img, palette[:1], np.zeros((6, 9), np.int64)) < 0.99
+
+
+def test_binomial_blur_matches_scipy_on_a_photo() -> None:
+    """The 3x3 binomial blur behind ``Quantized.blurred_psnr``, against scipy's convolution (edges replicated)."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    from gpu_kquant.metrics import binomial_blur
+
+    img = photo("coffee")[:37, :53].astype(np.float64) - 100.5
+    k = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0]) / 16
+    expected = np.stack([ndimage.convolve(img[..., c], k, mode="nearest") for c in range(3)], -1)
+    np.testing.assert_allclose(binomial_blur(torch.from_numpy(img)).numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_quantized_blur_mse_is_the_blurred_error_of_its_pixels() -> None:
+    ndimage = pytest.importorskip("scipy.ndimage")
+    img = photo("chelsea")[:60, :80]
+    q = quantize(img, 8, dither="adaptive", device="cpu")
+    k = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0]) / 16
+    diff = q.to_rgb().astype(np.float64) - img
+    blurred = np.stack([ndimage.convolve(diff[..., c], k, mode="nearest") for c in range(3)], -1)
+    assert q.blur_mse == pytest.approx(float((blurred**2).mean()), rel=1e-12)
