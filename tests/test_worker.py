@@ -134,3 +134,19 @@ def test_a_stop_ends_a_running_k256_fit_within_two_seconds(tmp_path: Path) -> No
         stop.set()
         worker.close()
     assert rows == [] and not (tmp_path / "out").exists()
+
+
+def test_the_dataset_path_takes_the_fit_options_whole() -> None:
+    """Every FitOptions field reaches the fit from the dataset codec too (it once passed six of them)."""
+    from gpu_kquant.datasets.codec import quantize_images as dataset_quantize
+
+    img = np.ascontiguousarray(photo("hubble_deep_field")[::4, ::4])  # > max_fit_points colours: binned
+    got = {}
+    for finish in (False, True):
+        fit = FitOptions(k=12, seed=1, max_fit_points=512, exact_finish=finish)
+        (q,) = dataset_quantize([img], fit, palette=None, palette_space="rgb", dither="none", device="cpu")
+        assert not isinstance(q, Exception)
+        want = quantize_batch([img], dither="none", device="cpu", options=fit)[0]
+        assert np.array_equal(q.palette, want.palette) and np.array_equal(q.indices, want.indices)
+        got[finish] = q.palette
+    assert not np.array_equal(got[False], got[True])

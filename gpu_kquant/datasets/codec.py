@@ -10,7 +10,6 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ from ..imagefiles import Decoded, DecodeError, encode, load_image
 from ..options import FitOptions
 from ..quantize import Quantized, map_to_palette, quantize_batch
 
-__all__ = ["DecodeError", "Decoded", "decode_bytes", "encode_image", "fit_kwargs", "quantize_images"]
+__all__ = ["DecodeError", "Decoded", "decode_bytes", "encode_image", "quantize_images"]
 
 
 def decode_bytes(data: bytes, *, max_pixels: int | None = None) -> Decoded:
@@ -54,18 +53,6 @@ def decode_bytes(data: bytes, *, max_pixels: int | None = None) -> Decoded:
             os.unlink(f.name)
 
 
-def fit_kwargs(fit: FitOptions) -> dict[str, Any]:
-    """The keyword arguments :func:`quantize_batch` and :meth:`Palette.fit` take from ``fit``."""
-    return {
-        "space": fit.space,
-        "seed": fit.seed,
-        "n_init": fit.n_init,
-        "max_iter": fit.max_iter,
-        "tol": fit.tol,
-        "max_fit_points": fit.max_fit_points,
-    }
-
-
 def quantize_images(
     images: Sequence[np.ndarray],
     fit: FitOptions,
@@ -89,7 +76,7 @@ def quantize_images(
             return map_to_palette(batch, palette, space=palette_space, dither=dither, device=device)
         if target is not None:
             return [reach_quality(px, fit, target, dither=dither, device=torch.device(device)) for px in batch]
-        return quantize_batch(batch, fit.k, dither=dither, device=device, **fit_kwargs(fit))
+        return quantize_batch(batch, dither=dither, device=device, options=fit)  # the options whole
 
     try:
         return list(run(images))

@@ -19,7 +19,7 @@ from ..palette import ColorHistogram, Palette
 from ..report import Row
 from ..resize import resize_decoded
 from ..sharedpalette import reusable_palette, save_palette
-from .codec import DecodeError, decode_bytes, fit_kwargs
+from .codec import DecodeError, decode_bytes
 from .options import DatasetOptions
 from .resume import open_dataset_manifest
 from .samples import ShardError
@@ -71,7 +71,7 @@ def _fit_shared(shards: list[Shard], options: DatasetOptions, manifest: Manifest
             continue
     if hist.pixels == 0:
         raise ValueError("no decodable image to fit a shared palette on")
-    palette = Palette.fit(hist, options.fit.k, device=options.device, **fit_kwargs(options.fit))
+    palette = Palette.fit(hist, options.fit.k, device=options.device, options=options.fit)
     save_palette(palette, options.out, manifest)
     return palette
 
