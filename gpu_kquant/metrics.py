@@ -252,13 +252,15 @@ def premultiplied_rgba(colors: torch.Tensor) -> torch.Tensor:
 
 def pixel_error(src: torch.Tensor, dst: torch.Tensor, channels: int) -> torch.Tensor:
     """Squared error summed over channels (...,), premultiplied when RGBA is involved."""
-    if src.shape[-1] == 3 and dst.shape[-1] == 3:
-        return (src.long() - dst.long()).square().sum(-1).double()
+    if src.shape[-1] == 3 and dst.shape[-1] == 3:  # exact in int32; channel by channel is 4x faster than sum(-1)
+        d = src.int() - dst.int()
+        d = d * d
+        return (d[..., 0] + d[..., 1] + d[..., 2]).double()
     return (premultiplied_rgba(src) - premultiplied_rgba(dst)).square().sum(-1)
 
 
 def binomial_blur(img: torch.Tensor) -> torch.Tensor:
-    """3x3 binomial blur of (H, W, C) float64, edges replicated.
+    """3x3 binomial blur of (H, W, C) floats, edges replicated; same dtype.
 
     Two [1, 2, 1] / 4 passes of shifted adds: a float64 conv2d has no fast CPU kernel
     and took 29 ms per call on a 0.27 MP image (a sixth of an adaptive quantize).

@@ -285,8 +285,9 @@ def _map_dithered(
     pixel_labels = pixel_labels.reshape(h, w)
     out = palette[pixel_labels]
     mse = float(pixel_error(pixels, out, c).mean()) / c
-    src, dst = (premultiplied_rgba(pixels), premultiplied_rgba(out)) if rgba else (pixels.double(), out.double())
-    blur_mse = float(binomial_blur(src - dst).square().mean()) * src.shape[-1] / c  # the blur is linear
+    # Blur the difference (linear); RGB's integer differences blur exactly in float32 (multiples of 1/16).
+    diff = premultiplied_rgba(pixels) - premultiplied_rgba(out) if rgba else (pixels.short() - out.short()).float()
+    blur_mse = float(binomial_blur(diff).double().square().mean()) * diff.shape[-1] / c
     usage = torch.bincount(pixel_labels.reshape(-1), minlength=palette.shape[0])
     return pixel_labels, mse, blur_mse, usage
 
@@ -363,9 +364,8 @@ def quantize_batch(
         space: colour space of the fit and of the mapping: ``"rgb"`` (sRGB, best
             PSNR), ``"oklab"`` or ``"lab"`` (CIELAB D65, best CIEDE2000).
         dither: ``"none"``, ``"fs"`` / ``"adaptive"`` (serpentine Floyd-Steinberg, on the
-            CPU; see :mod:`gpu_kquant.dither`; ``adaptive`` fits its palette to the exact colours
-            (:attr:`~gpu_kquant.options.FitOptions.exact_finish`), spreads it outward
-            (:mod:`gpu_kquant.ditherpalette`) and ends with :mod:`gpu_kquant.refine`) or ``"ordered"``
+            CPU; see :mod:`gpu_kquant.dither`; ``adaptive`` finishes its fit on the exact colours, spreads
+            the palette outward (:mod:`gpu_kquant.ditherpalette`), ends with :mod:`gpu_kquant.refine`) or ``"ordered"``
             (8x8 Bayer, on the device).
         palette: a fixed palette to map to (:class:`gpu_kquant.Palette` or (k, 3|4) uint8); ``k`` ignored.
         device: where to compute; ``None`` picks CUDA when available.
