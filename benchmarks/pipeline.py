@@ -211,6 +211,8 @@ def _check_outputs(out: Path, photos: Sequence[Photo], tool: str) -> None:
 def _cli_argv(folder: Path, out: Path, args: argparse.Namespace) -> list[str]:
     argv = [sys.executable, "-m", "gpu_kquant", _rel(folder), "-k", str(args.k), "-o", str(out), "--quiet"]
     argv += ["--overwrite", "--device", args.device]
+    if getattr(args, "dither", "none") != "none":  # benchmarks.dither_speed
+        argv += ["--dither", args.dither]
     if args.workers:
         argv += ["--workers", str(args.workers)]
     if args.batch_size:
@@ -352,8 +354,13 @@ def _stage_text(stages: dict[str, float]) -> str:
 
 
 def run_pngquant(folder: Path, photos: Sequence[Photo], work: Path, args: argparse.Namespace) -> Measurement:
-    """``pngquant --nofs --force --output OUT k -- IN`` per photo, ``--pngquant-jobs`` processes at a time."""
-    argv = methods_mod.get("pngquant-nofs").cli
+    """``pngquant --nofs --force --output OUT k -- IN`` per photo, ``--pngquant-jobs`` processes at a time.
+
+    With ``args.dither`` set (benchmarks.dither_speed) pngquant dithers (its default) instead.
+    """
+    dithered = getattr(args, "dither", "none") != "none"
+    argv = methods_mod.get("pngquant-fs" if dithered else "pngquant-nofs").cli
+    flag = "" if dithered else " --nofs"
     assert argv is not None
     runs = []
     for r in range(args.repeats):
@@ -370,8 +377,8 @@ def run_pngquant(folder: Path, photos: Sequence[Photo], work: Path, args: argpar
         _check_outputs(out, photos, "pngquant")
         print(f"  pngquant run {r + 1}: {runs[-1]:.2f} s", flush=True)
     return Measurement(
-        "pngquant --nofs",
-        f"`pngquant --nofs --force --output OUT/x.png {args.k} -- IN/x.png` per photo, "
+        "pngquant" + (flag or " (dithered)"),
+        f"`pngquant{flag} --force --output OUT/x.png {args.k} -- IN/x.png` per photo, "
         f"{args.pngquant_jobs} processes at a time (whole batch timed)",
         Timing(tuple(runs)),
         len(photos),
