@@ -1,4 +1,7 @@
-"""Argument types of the command line: each turns text into a value or raises argparse's usage error."""
+"""Argument types of the command line: each turns text into a value or raises argparse's usage error.
+
+Also :func:`fit_options`, the fit flags read as one :class:`~gpu_kquant.options.FitOptions`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,9 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["argument_type", "glue_negative_values", "positive", "quality", "shard"]
+from .options import FitOptions
+
+__all__ = ["argument_type", "fit_options", "glue_negative_values", "positive", "quality", "shard"]
 
 
 def shard(text: str) -> tuple[int, int]:
@@ -77,3 +82,11 @@ def quality(text: str) -> tuple[float, float]:
     if not 0 <= low <= high:
         raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= MAX, got {text!r}")
     return low, high
+
+
+def fit_options(args: argparse.Namespace) -> FitOptions:
+    """-k, --space, --seed, --n-init, --max-iter and --exact-fit as one FitOptions (files and datasets alike)."""
+    exact = True if args.exact_fit else None  # None: the default, on under --dither adaptive
+    return FitOptions(
+        k=args.k, space=args.space, seed=args.seed, n_init=args.n_init, max_iter=args.max_iter, exact_finish=exact
+    )

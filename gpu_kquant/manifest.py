@@ -90,7 +90,8 @@ def file_hash(path: Path) -> str:
 def fingerprint(setup: RunSetup) -> dict[str, Any]:
     """The options that determine an output's bytes, as a JSON-ready dict.
 
-    The fit options (k, space, seed, restarts, iterations, tolerance, fit points), or with a
+    The fit options (k, space, seed, restarts, iterations, tolerance, fit points, and the
+    exact finish when set), or with a
     fixed palette a hash of its colours and its space (fit options do not matter then);
     the format, compress level, dither, ``--quality`` and ``--resize`` (only when given, so
     runs without it keep the ids they had). The device, threads, batch sizes
@@ -107,7 +108,9 @@ def fingerprint(setup: RunSetup) -> dict[str, Any]:
     if out.resize is not None:
         settings["resize"] = dataclasses.asdict(out.resize)
     if setup.palette is None:
-        settings["fit"] = dataclasses.asdict(setup.fit)
+        settings["fit"] = fit = dataclasses.asdict(setup.fit)
+        if fit["exact_finish"] is None:  # its default: runs without it keep the ids they had
+            del fit["exact_finish"]
     else:
         colors = setup.palette.colors
         digest = hashlib.blake2b(f"{colors.shape}".encode() + colors.tobytes(), digest_size=_HASH_BYTES)

@@ -339,3 +339,27 @@ def test_a_bare_dither_flag_is_adaptive(src: Path, tmp_path: Path) -> None:
         assert [r["dither"] for r in rows.values()] == ["adaptive"]
     typo = cli("--dither", "adaptve", src, "-o", tmp_path / "typo")
     assert typo.returncode == 2 and "adaptve" in typo.stderr.strip().splitlines()[-1]
+
+
+def test_exact_fit_reaches_the_fit(tmp_path: Path) -> None:
+    """``--exact-fit`` sets FitOptions.exact_finish for files and datasets alike; without it the default stands."""
+    from gpu_kquant import quantize
+    from gpu_kquant.argtypes import fit_options
+    from gpu_kquant.cli import build_parser
+    from gpu_kquant.options import FitOptions
+
+    parser = build_parser()
+    assert fit_options(parser.parse_args(["in", "-k", "8", "--exact-fit"])).exact_finish is True
+    assert fit_options(parser.parse_args(["in", "-k", "8"])).exact_finish is None
+    img = photo("hubble_deep_field")  # 61594 colours: more than the fit budget at k=8 (32768)
+    Image.fromarray(img).save(tmp_path / "sky.png")
+    palettes = {}
+    for flag in ((), ("--exact-fit",)):
+        out = tmp_path / f"out{len(flag)}"
+        result = cli(tmp_path / "sky.png", "-k", "8", "-o", out, "--quiet", "--device", "cpu", *flag)
+        assert result.returncode == 0, result.stderr
+        with Image.open(out / "sky.png") as written:
+            palettes[bool(flag)] = np.asarray(written.convert("RGB"))
+    want = quantize(img, 8, options=FitOptions(k=8, exact_finish=True), device="cpu").to_rgb()
+    np.testing.assert_array_equal(palettes[True], want)
+    assert not np.array_equal(palettes[False], palettes[True])

@@ -183,8 +183,11 @@ def test_the_fingerprint_follows_what_makes_the_bytes() -> None:
         RunSetup(FitOptions(k=4), OutputOptions(quality=(20.0, 30.0))),
         RunSetup(FitOptions(k=4), OutputOptions(resize=ResizeOptions(32, 32, "fit"))),
         RunSetup(FitOptions(k=4), OutputOptions(), Palette(np.zeros((4, 3), np.uint8))),
+        RunSetup(FitOptions(k=4, exact_finish=True), OutputOptions()),
+        RunSetup(FitOptions(k=4, exact_finish=False), OutputOptions()),
     ]
     ids = {fingerprint_id(fingerprint(s)) for s in changed}
     assert len(ids) == len(changed) and base not in ids
+    assert "exact_finish" not in fingerprint(setup())["fit"]  # the default: ids from before the option stand
     same_bytes = dataclasses.replace(setup(), output=OutputOptions(overwrite=True, skip_if_larger=True, preview=True))
     assert fingerprint_id(fingerprint(same_bytes)) == base

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..argtypes import fit_options
 from ..imagefiles import IMAGE_EXTENSIONS
-from ..options import FitOptions
 from ..palette import Palette
 from ..planning import remove_stale_temps, shard_of
 from ..report import ReportWriter, RunLock, Summary, check_report_path, new_run_id
@@ -101,7 +101,7 @@ def _base_options(args: argparse.Namespace, parser: argparse.ArgumentParser, sha
     try:
         return DatasetOptions(
             out=out,
-            fit=FitOptions(k=args.k, space=args.space, seed=args.seed, n_init=args.n_init, max_iter=args.max_iter),
+            fit=fit_options(args),
             image_format=args.format,
             compress_level=args.compress_level,
             dither=args.dither,
