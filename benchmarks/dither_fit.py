@@ -23,7 +23,6 @@ import contextlib
 import importlib
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -36,9 +35,9 @@ from gpu_kquant.colors import ColorSet, pack
 from gpu_kquant.metrics import _filter, _gaussian_kernel, _planes, ssim
 from gpu_kquant.options import FitOptions
 
-from .dither_generalise import Case, patched, report
+from .dither_generalise import Case, patched, report, trial_args
 from .dither_refine import timing_table
-from .quality import RESULTS, pngquant
+from .quality import pngquant
 
 quantize_mod = importlib.import_module("gpu_kquant.quantize")
 
@@ -118,11 +117,7 @@ def undithered_table(all_cases: list[Case], repeats: int = 3) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.dither_fit", description=__doc__.split("\n\n")[0])
-    p.add_argument("--trials", nargs="+", choices=list(TRIALS), default=list(TRIALS), metavar="TRIAL")
-    p.add_argument("--k", nargs="+", type=int, default=[16, 64])
-    p.add_argument("--out", type=Path, default=RESULTS)
-    return p.parse_args(argv)
+    return trial_args("benchmarks.dither_fit", __doc__ or "", TRIALS, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,10 +25,10 @@ from PIL import Image
 
 from .dither_fit import TRIALS as FIT_TRIALS
 from .dither_fit import fit_settings
-from .dither_generalise import Case, report
+from .dither_generalise import Case, report, trial_args
 from .dither_heldout import load
 from .pipeline import CACHE
-from .quality import RESULTS, _scores, ours, pngquant
+from .quality import _scores, ours, pngquant
 
 # wheel (pinned) -> member paths of its photos
 WHEELS: dict[str, tuple[str, ...]] = {
@@ -90,11 +90,7 @@ def dithering_cost(table: list[dict[str, Any]], all_cases: list[Case]) -> list[s
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.dither_fresh", description=__doc__.split("\n\n")[0])
-    p.add_argument("--trials", nargs="+", choices=list(TRIALS), default=list(TRIALS), metavar="TRIAL")
-    p.add_argument("--k", nargs="+", type=int, default=[16, 64])
-    p.add_argument("--out", type=Path, default=RESULTS)
-    return p.parse_args(argv)
+    return trial_args("benchmarks.dither_fresh", __doc__ or "", TRIALS, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

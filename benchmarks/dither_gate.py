@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 
 import gpu_kquant.dither as dither_mod
 
 from .dither_fresh import cases as fresh_cases
-from .dither_generalise import Case, cases, patched, report
-from .quality import RESULTS
+from .dither_generalise import Case, cases, patched, report, trial_args
 
 TRIALS = {"a no run gate (before)": False, "b run gate (main)": True}
 
@@ -43,11 +41,7 @@ def all_cases(ks: Sequence[int]) -> list[Case]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.dither_gate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--trials", nargs="+", choices=list(TRIALS), default=list(TRIALS), metavar="TRIAL")
-    p.add_argument("--k", nargs="+", type=int, default=[16, 64])
-    p.add_argument("--out", type=Path, default=RESULTS)
-    return p.parse_args(argv)
+    return trial_args("benchmarks.dither_gate", __doc__ or "", TRIALS, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -156,12 +156,17 @@ def markdown(table: list[dict[str, Any]], info: dict[str, Any], title: str = TIT
     ]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.dither_generalise", description=__doc__.split("\n\n")[0])
-    p.add_argument("--trials", nargs="+", choices=list(TRIALS), default=list(TRIALS), metavar="TRIAL")
+def trial_args(module: str, doc: str, trials: dict[str, Any], argv: Sequence[str] | None) -> argparse.Namespace:
+    """The flags every dithering trial benchmark takes: --trials (names of ``trials``), --k, --out."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    p.add_argument("--trials", nargs="+", choices=list(trials), default=list(trials), metavar="TRIAL")
     p.add_argument("--k", nargs="+", type=int, default=[16, 64])
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args(argv)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return trial_args("benchmarks.dither_generalise", __doc__ or "", TRIALS, argv)
 
 
 def report(

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -26,8 +25,8 @@ import numpy as np
 import gpu_kquant.dither as dither_mod
 import gpu_kquant.refine as refine_mod
 
-from .dither_generalise import Case, patched, report
-from .quality import RESULTS, ours
+from .dither_generalise import Case, patched, report, trial_args
+from .quality import ours
 
 # name -> (lam where noisy, lam where noise-free, sweeps, neighbours, huber); lam < 0: no refinement.
 Trial = tuple[float, float, int, int, float]
@@ -72,11 +71,7 @@ def refine_settings(trial: Trial) -> Iterator[None]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.dither_refine", description=__doc__.split("\n\n")[0])
-    p.add_argument("--trials", nargs="+", choices=list(TRIALS), default=list(TRIALS), metavar="TRIAL")
-    p.add_argument("--k", nargs="+", type=int, default=[16, 64])
-    p.add_argument("--out", type=Path, default=RESULTS)
-    return p.parse_args(argv)
+    return trial_args("benchmarks.dither_refine", __doc__ or "", TRIALS, argv)
 
 
 def seconds_table(table: list[dict[str, Any]]) -> list[str]:
