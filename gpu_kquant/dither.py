@@ -186,9 +186,9 @@ def run_gate(labels: np.ndarray) -> np.ndarray:
     of n equal labels, m of whose pixels have the same label above or below, gets
     1 - 20 / (20 + 10 n + 15 m): long flat runs, where banding shows, are dithered fully; pixels
     whose undithered labels already vary (texture) little. Adaptive dithering scales the diffused
-    error by it and divides the refinement's weight on each pixel's own error by it. On issue 15's
-    22 cases: 18/22 meet the targets (17/22 without), the summed shortfall 2.84 (3.33); on 12 photos
-    from PyPI wheels (benchmarks/dither_fresh.py) 3/12 either way, shortfall 5.98 (7.39).
+    error by it and divides the refinement's weight on each pixel's own error by it: SSIM rose on all
+    40 cases of benchmarks/dither_gate.py and blurred PSNR fell (0.03-0.68 dB). Issue 15's targets:
+    22/40 met with or without it (22 seen cases 18 vs 17, 12 fresh 3 vs 3, 6 unseen 1 vs 2).
     """
     h, w = labels.shape
     starts = np.ones((h, w), bool)
