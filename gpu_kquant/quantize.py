@@ -284,9 +284,9 @@ def _map_dithered(
         pixel_labels = _assign_constrained(points, alpha, pal_points, pal_alpha)
     pixel_labels = pixel_labels.reshape(h, w)
     out = palette[pixel_labels]
-    mse = float(pixel_error(pixels, out, c).mean()) / c
-    # Blur the difference (linear); RGB's integer differences blur exactly in float32 (multiples of 1/16).
+    # One difference for both errors (pixel_error's space; the blur is linear); RGB's are exact in float32.
     diff = premultiplied_rgba(pixels) - premultiplied_rgba(out) if rgba else (pixels.short() - out.short()).float()
+    mse = float(diff.double().square().sum(-1).mean()) / c
     blur_mse = float(binomial_blur(diff).double().square().mean()) * diff.shape[-1] / c
     usage = torch.bincount(pixel_labels.reshape(-1), minlength=palette.shape[0])
     return pixel_labels, mse, blur_mse, usage
