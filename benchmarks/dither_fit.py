@@ -32,7 +32,7 @@ import torch
 import gpu_kquant.fitplan as fitplan_mod
 from gpu_kquant import quantize
 from gpu_kquant.colors import ColorSet, pack
-from gpu_kquant.metrics import _filter, _gaussian_kernel, _planes, ssim
+from gpu_kquant.metrics import local_variance, ssim
 from gpu_kquant.options import FitOptions
 
 from .dither_generalise import Case, patched, report, trial_args
@@ -54,9 +54,7 @@ _WEIGHT_SCALE = 16  # integer counts: weight 1 becomes 16, the smallest weights 
 
 def _local_variance(image: torch.Tensor) -> torch.Tensor:
     """(H, W, C) uint8 -> (H, W) float64: per-channel variance in SSIM's window (Gaussian sigma 1.5), averaged."""
-    x, kernel = _planes(image[..., :3]), _gaussian_kernel(1.5)
-    mu = _filter(x, kernel, "reflect")
-    return (_filter(x * x, kernel, "reflect") - mu * mu).clamp_min(0)[:, 0].mean(0)
+    return local_variance(image[..., :3].double())
 
 
 def ssim_weighted_sets(gamma: float) -> Callable[[Sequence[torch.Tensor]], list[ColorSet]]:

@@ -7,8 +7,9 @@ which places fewer, later dots where the photo's own noise already hides banding
 noise-free gradients it is plain Floyd-Steinberg; and next to hard edges it does not
 dither at all, as pngquant does. The diffused result is then refined under an eye model
 (:func:`gpu_kquant.refine.refine`, hard-edge pixels locked): each pixel moves to a neighbouring
-entry when that lowers the blurred error plus a weight (higher where the image is noisy) on its
-own error.
+entry when that lowers the blurred error plus a weight on its own error: higher where the image
+is noisy, divided by pngquant's run gate (:func:`run_gate`) and scaled by what error costs SSIM
+there (:func:`ssim_weight`: more in smooth areas, less in texture).
 
 Both work in the fitting colour space and respect the alpha rules of the quantizer:
 fully transparent pixels take the transparent entry and neither take nor pass on
@@ -24,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .metrics import local_variance
 from .nearest import assign
 from .refine import LAMBDA, refine
 from .spaces import ColorSpace
@@ -38,6 +40,7 @@ __all__ = [
     "palette_spacing",
     "pixel_classes",
     "run_gate",
+    "ssim_weight",
 ]
 
 DITHERS = ("none", "fs", "adaptive", "ordered")
@@ -175,7 +178,7 @@ def floyd_steinberg(
     strength = np.where(hard_edges(grid, EDGE_RANGE * span), 0.0, gate).astype(np.float32)
     ramp = noise_ramp(grid, span / 255.0)
     labels = _diffuse(*fixed, strength, hysteresis * ramp, 2.0 * spacing, MIN_ERROR_RANGE * span)
-    lam = (LAMBDA_FLAT + (LAMBDA - LAMBDA_FLAT) * ramp) / gate
+    lam = (LAMBDA_FLAT + (LAMBDA - LAMBDA_FLAT) * ramp * ssim_weight(grid, classes, span)) / gate
     return refine(grid, classes, fixed[2], fixed[3], labels, locked=strength == 0, lam=lam, span=span)
 
 
@@ -200,6 +203,33 @@ def run_gate(labels: np.ndarray) -> np.ndarray:
     count = 10 * np.bincount(run) + 15 * np.bincount(run, weights=same.reshape(-1))
     gate: np.ndarray = (1.0 - 20.0 / (20.0 + count))[run].reshape(h, w).astype(np.float32)
     return gate
+
+
+def ssim_weight(points: np.ndarray, classes: np.ndarray, span: float) -> np.ndarray:
+    """How much SSIM each pixel's own error costs, relative to the image's mean: (H, W) float32 > 0.
+
+    Error of variance e in a window of variance v lowers SSIM's structure term by about
+    e / (2 v + c2) (c2 = (0.03 span)^2, SSIM's constant; v in SSIM's Gaussian window of 1.5 px,
+    averaged over channels): dots cost SSIM in smooth areas and little in texture. Adaptive dithering
+    multiplies the refinement's weight on each pixel's own error (where the image is noisy) by the
+    square root of that cost over its mean on the visible pixels, so the image's overall balance of
+    SSIM against blurred PSNR stays and the dots move from smooth areas into texture. Measured on 52
+    photo cases against pngquant's default dithering (benchmarks/results/dither_ssimweight_*): SSIM at
+    equal blurred PSNR rose on every case (by up to 0.022); issue 15's targets met on 32/52 (27
+    before); the cost itself (exponent 1) met 32 too but lost SSIM on 5 cases.
+
+    Args:
+        points: (H, W, D) float32 pixels in the fitting space.
+        classes: (H, W) uint8 pixel classes (0: transparent, not counted in the mean).
+        span: the first channel's range in the space's units (255 for sRGB).
+    """
+    var = local_variance(torch.from_numpy(points))
+    c2 = (0.03 * span) ** 2
+    weight = (c2 / (2.0 * var + c2)).sqrt().numpy()
+    visible = classes > 0
+    scale = float(weight[visible].mean()) if visible.any() else 1.0
+    result: np.ndarray = (weight / scale).astype(np.float32)
+    return result
 
 
 def _diffuse(

@@ -23,6 +23,7 @@ from .spaces import ciede2000, srgb_to_lab
 __all__ = [
     "binomial_blur",
     "blurred_psnr",
+    "local_variance",
     "mean_ciede2000",
     "pixel_error",
     "premultiplied",
@@ -50,8 +51,24 @@ def _filter(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
     r = kernel.shape[0] // 2
     if mode == "reflect" and r:
         x = torch.nn.functional.pad(x, (r, r, r, r), mode="reflect" if min(x.shape[-2:]) > r else "replicate")
+    kernel = kernel.to(x.dtype)
     x = torch.nn.functional.conv2d(x, kernel.view(1, 1, 1, -1))
     return torch.nn.functional.conv2d(x, kernel.view(1, 1, -1, 1))
+
+
+def local_variance(points: torch.Tensor) -> torch.Tensor:
+    """Each pixel's variance in SSIM's window (Gaussian sigma 1.5, reflected borders), averaged over channels.
+
+    Args:
+        points: (H, W, C) float32 or float64.
+
+    Returns:
+        (H, W) of the same dtype, >= 0.
+    """
+    x = points.permute(2, 0, 1)[:, None]
+    kernel = _gaussian_kernel(1.5)
+    mean = _filter(x, kernel, "reflect")
+    return (_filter(x * x, kernel, "reflect") - mean * mean).clamp_min(0)[:, 0].mean(0)
 
 
 def _planes(img: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -251,3 +251,51 @@ def test_the_run_gate_trades_dots_in_texture_for_ssim(monkeypatch: pytest.Monkey
     full = quantize(img, 16, dither="adaptive", device="cpu").to_rgb()
     assert ssim(img, gated) > ssim(img, full), (ssim(img, gated), ssim(img, full))  # 0.8617 vs 0.8598
     assert blurred_psnr(img, gated) < blurred_psnr(img, full)
+
+
+def test_ssim_weight_is_the_square_root_of_ssims_first_order_cost() -> None:
+    """Against a float64 reference: c2 / (2 var + c2) in SSIM's window, square root, over the visible mean."""
+    from scipy.ndimage import gaussian_filter
+
+    from gpu_kquant.dither import ssim_weight
+
+    rng = np.random.default_rng(3)
+    points = np.concatenate([rng.normal(128, 40, (20, 30, 3)), np.full((20, 30, 3), 90.0)], 1).astype(np.float32)
+    classes = np.ones((20, 60), np.uint8)
+    classes[:5, :10] = 0  # transparent pixels do not count in the mean
+    x = points.astype(np.float64)
+
+    # scipy's "mirror" is torch's "reflect" (the edge pixel not repeated); truncate 3.5 gives radius 5.
+    def blur(v: np.ndarray) -> np.ndarray:
+        return np.asarray(gaussian_filter(v, 1.5, mode="mirror", truncate=3.5))
+
+    var = np.mean([blur(x[..., c] ** 2) - blur(x[..., c]) ** 2 for c in range(3)], 0)
+    cost = np.sqrt(58.5225 / (2 * var + 58.5225))
+    expected = cost / cost[classes > 0].mean()
+    got = ssim_weight(points, classes, 255.0)
+    np.testing.assert_allclose(got, expected, rtol=2e-4, atol=1e-5)
+    assert got[:, 45:].min() > 1.5 > 0.5 > got[5:15, 5:25].max()  # flat: more weight; noise: less
+
+
+def test_the_ssim_weight_moves_dots_from_smooth_areas_into_texture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the same blurred PSNR, SSIM is higher with the weight than anywhere on the trade-off curve
+    of the refinement's weight without it (LAMBDA x 0.5 to 1.4)."""
+    import gpu_kquant.dither as dither_mod
+    from gpu_kquant.metrics import blurred_psnr, ssim
+
+    img = np.ascontiguousarray(photo("astronaut")[100:228, 150:278])
+
+    def scores() -> tuple[float, float]:
+        out = quantize(img, 16, dither="adaptive", device="cpu").to_rgb()
+        return ssim(img, out), blurred_psnr(img, out)
+
+    weighted_ssim, weighted_blur = scores()
+    monkeypatch.setattr(dither_mod, "ssim_weight", lambda p, c, s: np.ones(c.shape, np.float32))
+    curve = []
+    for m in (1.4, 1.0, 0.7, 0.5):  # blurred PSNR rising
+        monkeypatch.setattr(dither_mod, "LAMBDA", LAMBDA * m)
+        curve.append(scores())
+    s, b = np.array(curve).T
+    assert b[0] < weighted_blur < b[-1], (weighted_blur, b)
+    on_curve = float(np.interp(weighted_blur, b, s))
+    assert weighted_ssim > on_curve + 0.002, (weighted_ssim, on_curve)  # 0.8602 vs 0.8555 (+0 without the weight)
