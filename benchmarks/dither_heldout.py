@@ -13,6 +13,7 @@ Needs ``pngquant`` on PATH. Writes OUT/dither_heldout_<machine>_<date>.{csv,md}.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from .harness import machine_info, machine_markdown, markdown_table, output_stem, write_csv, write_markdown
 from .quality import (
@@ -71,6 +73,16 @@ assert gpu_kquant.__file__.startswith(root), gpu_kquant.__file__
 q = quantize(np.load(src), int(k), dither=kind, device="cpu")
 np.savez(dst, out=q.to_array(), nbytes=len(encode_png(q.palette, q.indices)))
 """
+
+
+def load_encoded(name: str, data: bytes) -> np.ndarray:
+    """:func:`load` of an encoded image file's bytes (JPEG, PNG), decoded to RGB."""
+
+    def decoded() -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB"))
+
+    return load(name, decoded)
 
 
 def load(name: str, loader: Callable[[], np.ndarray]) -> np.ndarray:

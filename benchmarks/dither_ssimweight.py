@@ -15,20 +15,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import io
 import tarfile
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 import gpu_kquant.dither as dither_mod
 
 from .dither_gate import all_cases as gate_cases
 from .dither_generalise import Case, patched, report, trial_args
-from .dither_heldout import load
+from .dither_heldout import load_encoded
 from .pipeline import CACHE
 
 SDIST = (
@@ -70,12 +68,7 @@ def opencv_photos(names: Sequence[str], cache: Path) -> dict[str, np.ndarray]:
             member = tar.extractfile(SAMPLES + name)
             assert member is not None, name
             data = member.read()
-
-            def decoded(data: bytes = data) -> np.ndarray:
-                with Image.open(io.BytesIO(data)) as img:
-                    return np.asarray(img.convert("RGB"))
-
-            out[Path(name).stem] = load(Path(name).stem, decoded)
+            out[Path(name).stem] = load_encoded(Path(name).stem, data)
     return out
 
 

@@ -51,7 +51,6 @@ def _filter(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
     r = kernel.shape[0] // 2
     if mode == "reflect" and r:
         x = torch.nn.functional.pad(x, (r, r, r, r), mode="reflect" if min(x.shape[-2:]) > r else "replicate")
-    kernel = kernel.to(x.dtype)
     x = torch.nn.functional.conv2d(x, kernel.view(1, 1, 1, -1))
     return torch.nn.functional.conv2d(x, kernel.view(1, 1, -1, 1))
 
