@@ -16,13 +16,14 @@ other devices go on.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,8 @@ _POLL = 0.2
 _STOP_GRACE = 60.0
 # Seconds to wait for a child that has reported everything to exit before it is terminated.
 _EXIT_WAIT = 10.0
+# the signals a child ignores (``_child_main``), held while it starts
+_HELD = {signal.SIGINT, signal.SIGTERM}
 
 
 @dataclass(frozen=True)
@@ -123,8 +126,9 @@ def run_children(plans: list[ChildPlan], emit: Callable[[Row], None]) -> dict[st
     ]
     parent = _Parent(plans, procs, messages, emit)
     try:
-        for proc in procs:
-            proc.start()
+        with _signals_held():
+            for proc in procs:
+                proc.start()
         parent.drain(lambda: False)
     except BaseException:
         stop.set()
@@ -201,10 +205,32 @@ class _Parent:
                 self.emit(failed_row(task, plan.setup.fit.k, reason))
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM in this thread while children start; they arrive here on exit.
+
+    A spawned child inherits the blocked mask, so a signal sent to the group while it is
+    still importing (seconds, before ``_child_main`` can ignore it) waits instead of
+    raising ``KeyboardInterrupt`` inside multiprocessing's bootstrap (the Ctrl-C test
+    caught that traceback once, in CI on b8b40a4). The same trick as CPython's own
+    ``resource_tracker``.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no masks, and no process groups either
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _child_main(index: int, plan: ChildPlan, messages: Any, stop_event: Any) -> None:
     """A device process's entry: set the process up, feed its worker, report back."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # held since the spawn (``_signals_held``); ignored from now on
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
     device = torch.device(plan.device)
     configure_process(max_pixels=plan.setup.max_pixels, single_threaded_torch=device.type == "cpu")
     if device.type == "cuda":

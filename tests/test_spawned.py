@@ -101,7 +101,7 @@ def _group_is_gone(pgid: int, seconds: float) -> bool:
     return False
 
 
-def _start_big_run(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+def _launch_big_run(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
     """A CLI run with two CPU device processes and minutes of work, started in a session of its own."""
     src = tmp_path / "in"
     src.mkdir()
@@ -120,6 +120,12 @@ def _start_big_run(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
         args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore,
         start_new_session=True,
     )  # fmt: skip
+    return proc, out
+
+
+def _start_big_run(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+    """:func:`_launch_big_run`, once its first output is written."""
+    proc, out = _launch_big_run(tmp_path)
     deadline = time.time() + 180
     while time.time() < deadline and not list(out.glob("*.png")):
         time.sleep(0.05)
@@ -150,6 +156,38 @@ def test_ctrl_c_to_the_whole_group_stops_every_process(big_run: tuple[subprocess
     assert rows and all(r["status"] == "ok" for r in rows.values())  # no invented failures for undone work
     assert {f"{name}" for name in rows} == {Path(p).name for p in recorded_outputs(out)}
     assert not [p for p in out.iterdir() if p.name.startswith(".gpu_kquant-")]
+
+
+def _spawned_in_group(pgid: int) -> int:
+    """How many processes of group ``pgid`` are multiprocessing spawns (Linux ``/proc``)."""
+    count = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and "spawn_main" in (stat.parent / "cmdline").read_text():
+                count += 1
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the device processes through /proc")
+def test_ctrl_c_while_device_processes_start(tmp_path: Path) -> None:
+    """Ctrl-C to the group while the children still import torch: no traceback, a clean stop."""
+    proc, out = _launch_big_run(tmp_path)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and _spawned_in_group(proc.pid) < 2:
+            time.sleep(0.01)
+        assert proc.poll() is None and _spawned_in_group(proc.pid) == 2, "the device processes never started"
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130, stderr
+        assert "interrupted" in stderr and "Traceback" not in stderr
+        assert _group_is_gone(proc.pid, 10), "a device process outlived the run"
+        assert not list(out.glob(".gpu_kquant-*"))  # no temporaries left (out may not exist yet)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
 
 
 def test_device_processes_end_when_the_parent_is_killed(big_run: tuple[subprocess.Popen[str], Path]) -> None:
