@@ -29,6 +29,13 @@ setup(
             optional=True,
         ),
         Extension(
+            "gpu_kquant._dithermaps",
+            ["gpu_kquant/_dithermaps.c"],
+            depends=["gpu_kquant/_buffers.h"],
+            extra_compile_args=_FLAGS,
+            optional=True,
+        ),
+        Extension(
             "gpu_kquant._imagekernels",
             ["gpu_kquant/_imagekernels.c"],
             depends=["gpu_kquant/_buffers.h"],

@@ -46,6 +46,11 @@ def _gaussian_kernel(sigma: float, truncate: float = 3.5) -> torch.Tensor:
     return k / k.sum()
 
 
+def ssim_gaussian() -> torch.Tensor:
+    """SSIM's separable window: the 1-D Gaussian of sigma 1.5, (11,) float64, summing to 1."""
+    return _gaussian_kernel(1.5)
+
+
 def _filter(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
     """Separable filter of (N, 1, H, W) float64; ``mode`` "reflect" keeps the size, "valid" crops."""
     r = kernel.shape[0] // 2
@@ -67,7 +72,7 @@ def local_variance(points: torch.Tensor) -> torch.Tensor:
     x = points.permute(2, 0, 1)
     # C + 1 maps (the channels and the sum of their squares), blurred by shifted adds: 3x faster than
     # conv2d per map (0.14 s against 0.44 s per megapixel on one thread, measured on a loaded 2-core VM).
-    blurred = _shifted_blur(torch.cat([x, (x * x).sum(0, keepdim=True)]), _gaussian_kernel(1.5).to(x.dtype))
+    blurred = _shifted_blur(torch.cat([x, (x * x).sum(0, keepdim=True)]), ssim_gaussian().to(x.dtype))
     return ((blurred[-1] - (blurred[:-1] ** 2).sum(0)) / x.shape[0]).clamp_min(0)
 
 

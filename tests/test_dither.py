@@ -253,11 +253,17 @@ def test_the_run_gate_trades_dots_in_texture_for_ssim(monkeypatch: pytest.Monkey
     assert blurred_psnr(img, gated) < blurred_psnr(img, full)
 
 
-def test_ssim_weight_is_the_square_root_of_ssims_first_order_cost() -> None:
+@pytest.mark.parametrize("kernel", ["c", "torch"])
+def test_ssim_weight_is_the_square_root_of_ssims_first_order_cost(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Against a float64 reference: c2 / (2 var + c2) in SSIM's window, square root, over the visible mean."""
     from scipy.ndimage import gaussian_filter
 
     from gpu_kquant.dither import ssim_weight
+
+    if kernel == "torch":
+        monkeypatch.setattr(dither, "_maps_c", None)
+    elif dither._maps_c is None:
+        pytest.skip("the C maps did not build")
 
     rng = np.random.default_rng(3)
     points = np.concatenate([rng.normal(128, 40, (20, 30, 3)), np.full((20, 30, 3), 90.0)], 1).astype(np.float32)
@@ -299,3 +305,45 @@ def test_the_ssim_weight_moves_dots_from_smooth_areas_into_texture(monkeypatch: 
     assert b[0] < weighted_blur < b[-1], (weighted_blur, b)
     on_curve = float(np.interp(weighted_blur, b, s))
     assert weighted_ssim > on_curve + 0.002, (weighted_ssim, on_curve)  # 0.8602 vs 0.8555 (+0 without the weight)
+
+
+MAP_SHAPES = [(1, 40, 3), (40, 1, 3), (3, 7, 3), (5, 12, 4), (9, 6, 3), (70, 90, 3)]
+
+
+@pytest.mark.skipif(dither._maps_c is None, reason="the C maps did not build")
+@pytest.mark.parametrize("shape", MAP_SHAPES)
+def test_noise_ramp_kernel_matches_the_torch_definition(shape: tuple[int, int, int]) -> None:
+    rng = np.random.default_rng(sum(shape))
+    smooth = np.cumsum(rng.normal(0, 0.6, shape), 1)  # from flat to noisy: the ramp's whole range
+    points = (128 + smooth * np.linspace(0, 3, shape[0])[:, None, None]).astype(np.float32)
+    got = dither.noise_ramp(points, 1.0)
+    expected = dither._noise_ramp_torch(points, 1.0)
+    assert got.dtype == np.float32 and got.shape == shape[:2]
+    np.testing.assert_allclose(got, expected, atol=1e-5)  # torch's float32 sums, over 0.5 levels
+    if shape[0] * shape[1] > 1000:
+        assert expected.min() == 0.0 and expected.max() == 1.0 and 0 < (expected > 0).mean() < 1
+
+
+@pytest.mark.skipif(dither._maps_c is None, reason="the C maps did not build")
+@pytest.mark.parametrize("shape", MAP_SHAPES)
+def test_local_variance_kernel_matches_a_float64_reference(shape: tuple[int, int, int]) -> None:
+    """Reflected borders, replicated where a side is 5 px or less, as metrics.local_variance in float64."""
+    import torch
+
+    from gpu_kquant.metrics import local_variance
+
+    points = np.random.default_rng(sum(shape)).uniform(0, 255, shape).astype(np.float32)
+    points[: shape[0] // 2] = 200.0 + points[: shape[0] // 2] / 100  # a nearly flat part
+    expected = local_variance(torch.from_numpy(points.astype(np.float64))).numpy()
+    got = dither._local_variance(points)
+    assert got.dtype == np.float32 and got.shape == shape[:2] and got.min() >= 0
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-4)
+
+
+def test_dilate_is_a_3x3_maximum() -> None:
+    import torch
+
+    mask = np.random.default_rng(0).random((31, 17)) < 0.03
+    mask[0, 0] = mask[-1, -1] = mask[0, -1] = True  # corners
+    pooled = torch.nn.functional.max_pool2d(torch.from_numpy(mask).float()[None], 3, stride=1, padding=1)[0]
+    np.testing.assert_array_equal(dither._dilate(mask), pooled.numpy() > 0)
