@@ -105,10 +105,14 @@ def _gamut(space_name: str) -> np.ndarray:
 
 
 def channel_bounds(space: ColorSpace, dims: int) -> np.ndarray:
-    """Per-channel clamp range (dims, 2) float32: the sRGB gamut in ``space`` widened by 10%."""
+    """Per-channel clamp range (dims, 2) float32: the sRGB gamut in ``space`` widened by 10%.
+
+    With alpha (``dims`` 4) the colour channels are premultiplied, so their range also reaches 0.
+    """
     gamut = _gamut(space.name)
     if dims == 4:
-        gamut = np.concatenate([np.minimum(gamut, 0.0), [[0.0, 255.0 * space.alpha_scale]]])
+        premultiplied = np.stack([np.minimum(gamut[:, 0], 0.0), np.maximum(gamut[:, 1], 0.0)], 1)
+        gamut = np.concatenate([premultiplied, [[0.0, 255.0 * space.alpha_scale]]])
     margin = 0.1 * (gamut[:, 1:] - gamut[:, :1])
     return np.concatenate([gamut[:, :1] - margin, gamut[:, 1:] + margin], 1).astype(np.float32)
 

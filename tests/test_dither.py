@@ -196,6 +196,22 @@ def test_fs_keeps_alpha_rules(method: str) -> None:
     assert (out[alpha == 255][:, 3] == 255).all()
 
 
+@pytest.mark.parametrize("method", ["fs", "adaptive"])
+@pytest.mark.parametrize("space", ["rgb", "oklab"])
+def test_rgba_dithering_keeps_the_colours(method: str, space: str) -> None:
+    """Premultiplied colour channels are clamped to their own range, not to [0, 0] (which made every
+    dithered RGBA image black until 2026-12-03): opaque pixels come out as close as in RGB."""
+    img = photo("coffee")[:64, :96]
+    alpha = np.full((64, 96), 255, np.uint8)
+    alpha[:, :12] = 120
+    rgba = quantize(np.dstack([img, alpha]), 16, dither=method, space=space, device="cpu").to_array()
+    rgb = quantize(img, 16, dither=method, space=space, device="cpu").to_array()
+    opaque = alpha == 255
+    err_rgba = np.abs(rgba[..., :3].astype(int) - img)[opaque].mean()
+    err_rgb = np.abs(rgb.astype(int) - img)[opaque].mean()
+    assert err_rgba < 1.3 * err_rgb, (err_rgba, err_rgb)
+
+
 def test_error_clamping_limits_streaks() -> None:
     # A saturated colour far outside the palette: undamped error would build up and
     # spray the darkest entry across the area; clamping keeps the result near-flat.
