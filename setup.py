@@ -13,7 +13,7 @@ _FLAGS = ["-O3", "-fno-wrapv", "-ffp-contract=off", "-fno-math-errno"]
 
 setup(
     ext_modules=[
-        Extension("gpu_kquant._fsdither", ["gpu_kquant/_fsdither.c"], optional=True),
+        Extension("gpu_kquant._fsdither", ["gpu_kquant/_fsdither.c"], extra_compile_args=_FLAGS, optional=True),
         Extension(
             "gpu_kquant._kernels",
             ["gpu_kquant/_kernels.c"],
@@ -24,14 +24,14 @@ setup(
         Extension(
             "gpu_kquant._refine",
             ["gpu_kquant/_refine.c"],
-            depends=["gpu_kquant/_buffers.h"],
-            extra_compile_args=_FLAGS,
+            depends=["gpu_kquant/_buffers.h", "gpu_kquant/_clones.h"],
+            extra_compile_args=[*_FLAGS, "-fopenmp-simd"],
             optional=True,
         ),
         Extension(
             "gpu_kquant._dithermaps",
             ["gpu_kquant/_dithermaps.c"],
-            depends=["gpu_kquant/_buffers.h"],
+            depends=["gpu_kquant/_buffers.h", "gpu_kquant/_clones.h"],
             extra_compile_args=_FLAGS,
             optional=True,
         ),

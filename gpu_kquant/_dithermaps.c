@@ -15,12 +15,13 @@
 #include <string.h>
 
 #include "_buffers.h"
+#include "_clones.h"
 
 #define MAX_RADIUS 32
 
 /* Index i of a line of n samples, mirrored at the ends without repeating them (torch's
  * "reflect" padding), or clamped (replicate) where the line is too short to mirror. */
-static inline Py_ssize_t border(Py_ssize_t i, Py_ssize_t n, int reflect) {
+INLINE Py_ssize_t border(Py_ssize_t i, Py_ssize_t n, int reflect) {
     if (i < 0) return reflect ? -i : 0;
     if (i >= n) return reflect ? 2 * (n - 1) - i : n - 1;
     return i;
@@ -31,7 +32,7 @@ static inline Py_ssize_t border(Py_ssize_t i, Py_ssize_t n, int reflect) {
 /* out[y, x] = clamp((noise / level - low) / (high - low), 0, 1), where noise is the mean over
  * a (2r + 1)^2 box (replicated borders) of (|horizontal| + |vertical| second difference) / 2,
  * each averaged over the D channels (replicated borders). */
-static void noise_ramp(const float *p, float *out, Py_ssize_t h, Py_ssize_t w, int d, int r, double level, double low,
+CPU_CLONES static void noise_ramp(const float *p, float *out, Py_ssize_t h, Py_ssize_t w, int d, int r, double level, double low,
                        double high, double *rough, double *rows) {
     for (Py_ssize_t y = 0; y < h; y++) {
         const float *up = p + border(y - 1, h, 0) * w * d, *row = p + y * w * d, *down = p + border(y + 1, h, 0) * w * d;
@@ -104,7 +105,7 @@ static PyObject *py_noise_ramp(PyObject *self, PyObject *args) {
 
 /* The horizontal pass of source row y: for each of the D + 1 maps (the channels and the sum of
  * their squares), the separable kernel along the row; out holds W * (D + 1) values, map-major. */
-static void blur_row(const float *row, double *out, Py_ssize_t w, int d, const double *kernel, int r, double *maps) {
+INLINE void blur_row(const float *row, double *out, Py_ssize_t w, int d, const double *kernel, int r, double *maps) {
     int m = d + 1, reflect = w > r;
     for (Py_ssize_t x = 0; x < w; x++) {
         double sq = 0.0;
@@ -137,7 +138,7 @@ static void blur_row(const float *row, double *out, Py_ssize_t w, int d, const d
 /* out[y, x] = (blur(sum of squares) - sum over channels of blur(channel)^2) / D, at least 0;
  * blur: the separable kernel of 2r + 1 taps, reflected borders (replicated where a side is
  * not longer than r). The horizontal passes of the 2r + 1 rows in reach are kept in a ring. */
-static void local_variance(const float *p, float *out, Py_ssize_t h, Py_ssize_t w, int d, const double *kernel, int r,
+CPU_CLONES static void local_variance(const float *p, float *out, Py_ssize_t h, Py_ssize_t w, int d, const double *kernel, int r,
                            double *ring, Py_ssize_t *tags, double *maps, double *sums) {
     int taps = 2 * r + 1, m = d + 1, reflect = h > r;
     size_t stride = (size_t)w * m;

@@ -28,7 +28,7 @@ from .dither import DITHERS, HYSTERESIS, bayer_offsets, floyd_steinberg, palette
 from .ditherpalette import FITTED_HYSTERESIS, spread_palette
 from .fitplan import as_rgba, fit_palettes
 from .kernels import image_backend
-from .metrics import binomial_blur, pixel_error, premultiplied_rgba, psnr_of_mse, sampled_ssim
+from .metrics import dithered_errors, pixel_error, psnr_of_mse, sampled_ssim
 from .nearest import assign, assign_with_bounds, nearest_two
 from .options import FitOptions
 from .spaces import SPACES, ColorSpace
@@ -283,11 +283,7 @@ def _map_dithered(
         points[:, :3] += step * (alpha[:, None].float() / 255.0 if rgba else 1.0)
         pixel_labels = _assign_constrained(points, alpha, pal_points, pal_alpha)
     pixel_labels = pixel_labels.reshape(h, w)
-    out = palette[pixel_labels]
-    # One difference for both errors (pixel_error's space; the blur is linear); RGB's are exact in float32.
-    diff = premultiplied_rgba(pixels) - premultiplied_rgba(out) if rgba else (pixels.short() - out.short()).float()
-    mse = float(diff.double().square().sum(-1).mean()) / c
-    blur_mse = float(binomial_blur(diff).double().square().mean()) * diff.shape[-1] / c
+    mse, blur_mse = dithered_errors(pixels, palette[pixel_labels])
     usage = torch.bincount(pixel_labels.reshape(-1), minlength=palette.shape[0])
     return pixel_labels, mse, blur_mse, usage
 

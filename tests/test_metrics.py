@@ -181,3 +181,24 @@ def test_quantized_blur_mse_is_the_blurred_error_of_its_pixels() -> None:
     diff = q.to_rgb().astype(np.float64) - img
     blurred = np.stack([ndimage.convolve(diff[..., c], k, mode="nearest") for c in range(3)], -1)
     assert q.blur_mse == pytest.approx(float((blurred**2).mean()), rel=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (5, 1), (37, 53)])
+@pytest.mark.parametrize("channels", [3, 4])
+def test_dithered_errors_match_a_float64_reference(shape: tuple[int, int], channels: int) -> None:
+    """MSE and blurred MSE per channel (premultiplied when RGBA), against SciPy's blur in float64."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    from gpu_kquant.metrics import dithered_errors
+
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 256, (*shape, channels), dtype=np.uint8)
+    b = rng.integers(0, 256, (*shape, channels), dtype=np.uint8)
+    if channels == 4:
+        diff = premultiplied(a) - premultiplied(b)
+    else:
+        diff = a.astype(np.float64) - b
+    k = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0]) / 16
+    blurred = np.stack([ndimage.convolve(diff[..., c], k, mode="nearest") for c in range(diff.shape[-1])], -1)
+    mse, blur_mse = dithered_errors(torch.from_numpy(a), torch.from_numpy(b))
+    assert mse == pytest.approx(float((diff**2).mean()), rel=1e-12)
+    assert blur_mse == pytest.approx(float((blurred**2).mean()), rel=1e-12)
