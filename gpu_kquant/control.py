@@ -31,10 +31,10 @@ __all__ = [
     "RowEmitter",
     "StageClock",
     "Stopped",
+    "balanced_groups",
     "batch_groups",
     "call_size",
     "default_batch_size",
-    "even_group_size",
     "open_report",
     "quantizer_threads",
     "sigterm_stops",
@@ -107,9 +107,30 @@ def batch_groups(items: Sequence[T], size: int, max_pixels: int, pixels: Callabl
     return groups
 
 
-def even_group_size(size: int, count: int, threads: int) -> int:
-    """A group size that gives each of ``threads`` quantizers work even for a short call of ``count`` items."""
-    return max(1, min(size, math.ceil(count / threads)))
+def balanced_groups(
+    items: Sequence[T], size: int, threads: int, max_pixels: int, pixels: Callable[[T], int]
+) -> list[list[T]]:
+    """Groups of ``items`` for ``threads`` quantizers that take groups in turn, with about equal pixels.
+
+    A multiple of ``threads`` groups of at most ``size`` items: the largest item goes first, each to
+    the group with the fewest pixels that has room (longest processing time first), so the threads
+    finish a call together; items keep their order within a group. A group that would pass
+    ``max_pixels`` is split as :func:`batch_groups` splits. The groups of a 12-photo call of 0.25
+    and 1 MP photos on 2 CPU threads were 4, 4, 4 photos (2.5 MP each: one thread quantized two
+    groups while the other waited); now four of 1.9 MP.
+    """
+    if threads <= 1 or not items:
+        return batch_groups(items, size, max_pixels, pixels)
+    count = threads * math.ceil(len(items) / (threads * size))
+    weights = [pixels(item) for item in items]
+    members: list[list[int]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for i in sorted(range(len(items)), key=lambda i: -weights[i]):  # stable: equal weights keep their order
+        g = min((g for g in range(count) if len(members[g]) < size), key=lambda g: loads[g])
+        members[g].append(i)
+        loads[g] += weights[i]
+    groups = [[items[i] for i in sorted(m)] for m in members if m]
+    return [part for g in groups for part in batch_groups(g, size, max_pixels, pixels)]
 
 
 class StageClock:

@@ -24,7 +24,7 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .control import StageClock, batch_groups, default_batch_size, even_group_size, quantizer_threads
+from .control import StageClock, balanced_groups, default_batch_size, quantizer_threads
 from .device import resolve_device
 from .fitting import map_images, quantize_images, reach_quality
 from .imagefiles import DecodeError, load_image
@@ -209,10 +209,10 @@ class Worker:
                     on_row(out)
             else:
                 items.append((j, out))
-        size = self.group_size
-        if self.quantizers > 1:  # a short call (the last one) still keeps every thread busy
-            size = even_group_size(size, len(items), self.quantizers)
-        groups = batch_groups(items, size, self.setup.batch_pixels, lambda pair: pair[1].pixels)
+        # Even shares of the call's pixels for the quantizer threads, a short call (the last) included.
+        groups = balanced_groups(
+            items, self.group_size, self.quantizers, self.setup.batch_pixels, lambda pair: pair[1].pixels
+        )
         # Each group's upload is queued as it is submitted: it runs while earlier groups compute.
         quantized = [self._quantize_pool.submit(self._quantize_unless_stopped, g, self._upload(g)) for g in groups]
         writes: list[tuple[int, Future[Row]]] = []
