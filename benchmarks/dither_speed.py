@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cols = [("tool", "tool", ""), ("seconds", "seconds", ".2f"), ("images_per_s", "images/s", ".2f"),
             ("cpu_seconds", "CPU seconds", ".2f"),
             ("vs_undithered", "time vs the same tool undithered", ".2f")]  # fmt: skip
-    stem = output_stem("dither_speed", info)
+    stem = output_stem(f"dither_speed-{len(photos)}", info)  # the folder size in the name
     write_csv(rows, args.out / f"{stem}.csv")
     title = f"# What dithering costs a folder run: {len(photos)} photos, k = {args.k} (CPU)"
     md = [title, machine_markdown(info), markdown_table(rows, cols)]
