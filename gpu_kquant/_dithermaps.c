@@ -32,8 +32,8 @@ INLINE Py_ssize_t border(Py_ssize_t i, Py_ssize_t n, int reflect) {
 /* out[y, x] = clamp((noise / level - low) / (high - low), 0, 1), where noise is the mean over
  * a (2r + 1)^2 box (replicated borders) of (|horizontal| + |vertical| second difference) / 2,
  * each averaged over the D channels (replicated borders). */
-CPU_CLONES static void noise_ramp(const float *p, float *out, Py_ssize_t h, Py_ssize_t w, int d, int r, double level, double low,
-                       double high, double *rough, double *rows) {
+CPU_CLONES static void noise_ramp(const float *p, float *out, Py_ssize_t h, Py_ssize_t w, int d, int r, double level,
+                                  double low, double high, double *rough, double *rows) {
     for (Py_ssize_t y = 0; y < h; y++) {
         const float *up = p + border(y - 1, h, 0) * w * d, *row = p + y * w * d, *down = p + border(y + 1, h, 0) * w * d;
         for (Py_ssize_t x = 0; x < w; x++) {
@@ -138,8 +138,9 @@ INLINE void blur_row(const float *row, double *out, Py_ssize_t w, int d, const d
 /* out[y, x] = (blur(sum of squares) - sum over channels of blur(channel)^2) / D, at least 0;
  * blur: the separable kernel of 2r + 1 taps, reflected borders (replicated where a side is
  * not longer than r). The horizontal passes of the 2r + 1 rows in reach are kept in a ring. */
-CPU_CLONES static void local_variance(const float *p, float *out, Py_ssize_t h, Py_ssize_t w, int d, const double *kernel, int r,
-                           double *ring, Py_ssize_t *tags, double *maps, double *sums) {
+CPU_CLONES static void local_variance(const float *p, float *out, Py_ssize_t h, Py_ssize_t w, int d,
+                                      const double *kernel, int r, double *ring, Py_ssize_t *tags, double *maps,
+                                      double *sums) {
     int taps = 2 * r + 1, m = d + 1, reflect = h > r;
     size_t stride = (size_t)w * m;
     for (int i = 0; i < taps; i++) tags[i] = -1;

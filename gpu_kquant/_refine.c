@@ -98,7 +98,8 @@ static void free_moves(Moves *m) {
  * E the pixel's own error, J changes by 2 t.g + a(0)^2 |t|^2 + lam (penalty(|E + t|^2) - penalty(|E|^2)).
  * The candidates are scored LANES at a time in fixed-length loops the compiler vectorises, with the
  * same float operations in the same order as one at a time (so the same moves), then the first
- * strict minimum is taken: 3.5x less time per sweep than a loop over candidates with branches. */
+ * strict minimum is taken. Two sweeps of a 1 MP photo (k = 16, one thread): 0.37 s with a loop over
+ * candidates and branches, 0.26 s with the lanes, 0.20 s with them in the AVX2 build (2026-12-03). */
 INLINE int best_move(const Problem *q, const Moves *m, size_t at) {
     const float center = q->a[q->radius] * q->a[q->radius];
     const int dims = q->dims, cur = q->labels[at];
