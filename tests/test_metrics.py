@@ -193,10 +193,7 @@ def test_dithered_errors_match_a_float64_reference(shape: tuple[int, int], chann
     rng = np.random.default_rng(7)
     a = rng.integers(0, 256, (*shape, channels), dtype=np.uint8)
     b = rng.integers(0, 256, (*shape, channels), dtype=np.uint8)
-    if channels == 4:
-        diff = premultiplied(a) - premultiplied(b)
-    else:
-        diff = a.astype(np.float64) - b
+    diff = premultiplied(a) - premultiplied(b) if channels == 4 else a.astype(np.float64) - b
     k = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0]) / 16
     blurred = np.stack([ndimage.convolve(diff[..., c], k, mode="nearest") for c in range(diff.shape[-1])], -1)
     mse, blur_mse = dithered_errors(torch.from_numpy(a), torch.from_numpy(b))
