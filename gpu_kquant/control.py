@@ -117,7 +117,7 @@ def balanced_groups(
     finish a call together; items keep their order within a group. A group that would pass
     ``max_pixels`` is split as :func:`batch_groups` splits. The groups of a 12-photo call of 0.25
     and 1 MP photos on 2 CPU threads were 4, 4, 4 photos (2.5 MP each: one thread quantized two
-    groups while the other waited); now four of 1.9 MP.
+    groups while the other waited); now four of 1.75-2.0 MP.
     """
     if threads <= 1 or not items:
         return batch_groups(items, size, max_pixels, pixels)
