@@ -244,9 +244,13 @@ def _run_gate_reference(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def test_run_gate_is_pngquants_dither_map_rule() -> None:
-    from gpu_kquant.dither import run_gate
-
+@pytest.mark.parametrize("backend", ["c", "numpy"])
+def test_run_gate_is_pngquants_dither_map_rule(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if backend == "numpy":
+        monkeypatch.setattr(dither, "_maps_c", None)
+    elif dither._maps_c is None:
+        pytest.skip("the C maps did not build")
+    run_gate = dither.run_gate
     rng = np.random.default_rng(5)
     for shape, colours in (((9, 13), 2), ((1, 7), 3), ((6, 1), 2), ((17, 11), 5)):
         labels = rng.integers(0, colours, shape)
@@ -254,6 +258,19 @@ def test_run_gate_is_pngquants_dither_map_rule() -> None:
     checker = np.indices((8, 8)).sum(0) % 2
     np.testing.assert_allclose(run_gate(checker), 1 / 3, rtol=1e-6)  # texture: a third
     assert run_gate(np.zeros((8, 40), np.int64)).min() > 0.97  # flat: nearly full
+
+
+@pytest.mark.skipif(dither._maps_c is None, reason="the C maps did not build")
+def test_run_gate_kernel_equals_the_numpy_definition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bit for bit, on a photo's undithered labels and on noise."""
+    img = photo("coffee")[:120, :160]
+    q = quantize(img, 12, device="cpu")
+    cases = [q.indices.astype(np.int64), np.random.default_rng(3).integers(0, 3, (31, 57))]
+    fast = [dither.run_gate(labels) for labels in cases]
+    monkeypatch.setattr(dither, "_maps_c", None)
+    for labels, got in zip(cases, fast):
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, dither.run_gate(labels))
 
 
 def test_the_run_gate_trades_dots_in_texture_for_ssim(monkeypatch: pytest.MonkeyPatch) -> None:
