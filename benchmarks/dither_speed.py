@@ -7,7 +7,7 @@ with a dithered run at 1.6x the time of an undithered one, its dithering then in
 The five tools run in turn, round after round, so a slow spell of a shared VM falls on all of them
 (one tool's repeats back to back put it on one tool); the CPU seconds of the child processes
 (user + system) are reported beside the wall time, as they are unaffected by waiting for a CPU.
-Writes OUT/dither_speed_<machine>_<date>.{csv,md}.
+Writes OUT/dither_speed-<photos>_<machine>_<date>.{csv,md}.
 """
 
 from __future__ import annotations

@@ -244,12 +244,18 @@ def _run_gate_reference(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("backend", ["c", "numpy"])
-def test_run_gate_is_pngquants_dither_map_rule(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if backend == "numpy":
+@pytest.fixture(params=["c", "fallback"])
+def maps_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A test once with the C maps and once with the numpy / torch code that stands in without them."""
+    if request.param == "fallback":
         monkeypatch.setattr(dither, "_maps_c", None)
     elif dither._maps_c is None:
         pytest.skip("the C maps did not build")
+    return str(request.param)
+
+
+@pytest.mark.usefixtures("maps_backend")
+def test_run_gate_is_pngquants_dither_map_rule() -> None:
     run_gate = dither.run_gate
     rng = np.random.default_rng(5)
     for shape, colours in (((9, 13), 2), ((1, 7), 3), ((6, 1), 2), ((17, 11), 5)):
@@ -286,17 +292,12 @@ def test_the_run_gate_trades_dots_in_texture_for_ssim(monkeypatch: pytest.Monkey
     assert blurred_psnr(img, gated) < blurred_psnr(img, full)
 
 
-@pytest.mark.parametrize("kernel", ["c", "torch"])
-def test_ssim_weight_is_the_square_root_of_ssims_first_order_cost(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("maps_backend")
+def test_ssim_weight_is_the_square_root_of_ssims_first_order_cost() -> None:
     """Against a float64 reference: c2 / (2 var + c2) in SSIM's window, square root, over the visible mean."""
     from scipy.ndimage import gaussian_filter
 
     from gpu_kquant.dither import ssim_weight
-
-    if kernel == "torch":
-        monkeypatch.setattr(dither, "_maps_c", None)
-    elif dither._maps_c is None:
-        pytest.skip("the C maps did not build")
 
     rng = np.random.default_rng(3)
     points = np.concatenate([rng.normal(128, 40, (20, 30, 3)), np.full((20, 30, 3), 90.0)], 1).astype(np.float32)
