@@ -36,6 +36,13 @@ setup(
             optional=True,
         ),
         Extension(
+            "gpu_kquant._metrics",
+            ["gpu_kquant/_metrics.c"],
+            depends=["gpu_kquant/_buffers.h"],
+            extra_compile_args=_FLAGS,
+            optional=True,
+        ),
+        Extension(
             "gpu_kquant._imagekernels",
             ["gpu_kquant/_imagekernels.c"],
             depends=["gpu_kquant/_buffers.h"],

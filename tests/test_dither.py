@@ -163,6 +163,7 @@ def test_adaptive_places_fewer_dots_in_noise_and_keeps_the_mean_up_to_the_dead_z
     assert mean_error["adaptive"] < dead_zone(LAMBDA, 64.0, HUBER * 255.0) * 64 < mean_error["none"]
 
 
+@pytest.mark.usefixtures("maps_backend")
 def test_hard_edges_are_steps_between_flat_runs() -> None:
     # A 70-level step between two flat greys is a hard edge (with the pixel on each side and
     # their neighbours); the same rise spread over a 4-px ramp, as in a photo, is not.
@@ -277,6 +278,22 @@ def test_run_gate_kernel_equals_the_numpy_definition(monkeypatch: pytest.MonkeyP
     for labels, got in zip(cases, fast):
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, dither.run_gate(labels))
+
+
+@pytest.mark.skipif(dither._maps_c is None, reason="the C maps did not build")
+def test_hard_edges_kernel_equals_the_numpy_definition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same pixels, on photos (two step sizes), flat runs with steps, noise and thin shapes."""
+    rng = np.random.default_rng(4)
+    steps = (rng.integers(0, 3, (23, 31, 3)) * 60).astype(np.float32)  # steps of 60 and 120 between flat runs
+    cases = [(photo("coffee")[:150, :200].astype(np.float32), 51.0), (photo("astronaut")[:90].astype(np.float32), 20.0)]
+    cases += [(steps, 51.0), (steps, 60.0), (rng.normal(128, 60, (19, 27, 4)).astype(np.float32), 51.0)]
+    cases += [(steps[:1], 51.0), (steps[:, :1], 51.0), (steps[:1, :1], 51.0), (steps[:2, :2, :1], 0.0)]
+    fast = [dither.hard_edges(points, step) for points, step in cases]
+    monkeypatch.setattr(dither, "_maps_c", None)
+    for (points, step), got in zip(cases, fast):
+        assert got.dtype == bool and got.shape == points.shape[:2]
+        np.testing.assert_array_equal(got, dither.hard_edges(points, step))
+    assert 0 < fast[2].mean() < 1 and fast[0].any()  # the cases have edges and flat runs
 
 
 def test_the_run_gate_trades_dots_in_texture_for_ssim(monkeypatch: pytest.MonkeyPatch) -> None:

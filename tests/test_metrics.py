@@ -183,7 +183,39 @@ def test_quantized_blur_mse_is_the_blurred_error_of_its_pixels() -> None:
     assert q.blur_mse == pytest.approx(float((blurred**2).mean()), rel=1e-12)
 
 
-@pytest.mark.parametrize("shape", [(1, 7), (5, 1), (37, 53)])
+@pytest.fixture(params=["c", "torch"])
+def sums_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A test once with the C sums of dithered_errors and once with the torch code that stands in without them."""
+    import gpu_kquant.metrics as metrics_module
+
+    if request.param == "torch":
+        monkeypatch.setattr(metrics_module, "_sums_c", None)
+    elif metrics_module._sums_c is None:
+        pytest.skip("gpu_kquant._metrics did not build")
+    return str(request.param)
+
+
+def test_dithered_error_sums_in_c_are_the_torch_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bit for bit, on a dithered photo (and a slice of it, not contiguous) and on thin noise."""
+    import gpu_kquant.metrics as metrics_module
+    from gpu_kquant.metrics import dithered_errors
+
+    if metrics_module._sums_c is None:
+        pytest.skip("gpu_kquant._metrics did not build")
+    img = photo("coffee")[:140, :190]
+    out = quantize(img, 16, dither="adaptive", device="cpu").to_rgb()
+    rng = np.random.default_rng(2)
+    noise = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((1, 9), (9, 1), (1, 1))]
+    pairs = [(img, out), (img[5:, 3:-2], out[5:, 3:-2]), (noise[0], np.ascontiguousarray(noise[0][:, ::-1]))]
+    pairs += [(noise[1], 255 - noise[1]), (noise[2], noise[2] // 2)]
+    fast = [dithered_errors(torch.tensor(a), torch.tensor(b)) for a, b in pairs]
+    monkeypatch.setattr(metrics_module, "_sums_c", None)
+    assert fast == [dithered_errors(torch.tensor(a), torch.tensor(b)) for a, b in pairs]
+    assert fast[0][0] > fast[0][1] > 0  # dithering: the blur removes most of the error
+
+
+@pytest.mark.usefixtures("sums_backend")
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 1), (2, 3), (37, 53)])
 @pytest.mark.parametrize("channels", [3, 4])
 def test_dithered_errors_match_a_float64_reference(shape: tuple[int, int], channels: int) -> None:
     """MSE and blurred MSE per channel (premultiplied when RGBA), against SciPy's blur in float64."""
