@@ -222,3 +222,13 @@ def assert_meets_issue_15_targets(img: np.ndarray, k: int, tmp_path: Path) -> No
     assert ssim(img, q.to_rgb()) >= ssim(img, ref)
     assert blurred_psnr(img, q.to_rgb()) >= blurred_psnr(img, ref) + 0.3
     assert len(encode_png(q.palette, q.indices)) <= 1.05 * out_png.stat().st_size
+
+
+def c_or_fallback(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> str:
+    """For a fixture with params ["c", "fallback"]: the compiled kernel ``module.name`` as built, or
+    None (so the code that stands in without it runs); skips where the kernel did not build."""
+    if request.param == "fallback":
+        monkeypatch.setattr(module, name, None)
+    elif getattr(module, name) is None:
+        pytest.skip(f"{module.__name__}.{name}: the C kernel did not build")
+    return str(request.param)

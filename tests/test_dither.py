@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from common_utils import assert_meets_issue_15_targets, photo
+from common_utils import assert_meets_issue_15_targets, c_or_fallback, photo
 
 from gpu_kquant import map_to_palette, quantize
 from gpu_kquant.refine import HUBER, LAMBDA, dead_zone
@@ -248,11 +248,7 @@ def _run_gate_reference(labels: np.ndarray) -> np.ndarray:
 @pytest.fixture(params=["c", "fallback"])
 def maps_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """A test once with the C maps and once with the numpy / torch code that stands in without them."""
-    if request.param == "fallback":
-        monkeypatch.setattr(dither, "_maps_c", None)
-    elif dither._maps_c is None:
-        pytest.skip("the C maps did not build")
-    return str(request.param)
+    return c_or_fallback(request, monkeypatch, dither, "_maps_c")
 
 
 @pytest.mark.usefixtures("maps_backend")

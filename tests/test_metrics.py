@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from common_utils import photo
+from common_utils import c_or_fallback, photo
 from PIL import Image
 
 from gpu_kquant import quantize
@@ -183,16 +183,12 @@ def test_quantized_blur_mse_is_the_blurred_error_of_its_pixels() -> None:
     assert q.blur_mse == pytest.approx(float((blurred**2).mean()), rel=1e-12)
 
 
-@pytest.fixture(params=["c", "torch"])
+@pytest.fixture(params=["c", "fallback"])
 def sums_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """A test once with the C sums of dithered_errors and once with the torch code that stands in without them."""
     import gpu_kquant.metrics as metrics_module
 
-    if request.param == "torch":
-        monkeypatch.setattr(metrics_module, "_sums_c", None)
-    elif metrics_module._sums_c is None:
-        pytest.skip("gpu_kquant._metrics did not build")
-    return str(request.param)
+    return c_or_fallback(request, monkeypatch, metrics_module, "_sums_c")
 
 
 def test_dithered_error_sums_in_c_are_the_torch_codes(monkeypatch: pytest.MonkeyPatch) -> None:
