@@ -7,11 +7,11 @@ usage error, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from PIL import Image
@@ -30,7 +30,7 @@ from .naming import display_path
 from .options import RESIZE_MODES, EngineOptions, OutputOptions, ResizeOptions, RunOptions, default_workers
 from .palette import Palette, PaletteFileError
 from .planning import MANIFEST_PREFIX, Job, JobError, plan_job
-from .process import configure_process
+from .process import configure_process, exit_process
 from .report import RunLock, Summary, check_report_path
 from .resize import parse_size as parse_dimensions
 from .runsetup import check_palette_files, claim_preview_files
@@ -406,15 +406,12 @@ def _main_images(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return EXIT_FAILED if summary.failed else EXIT_OK
 
 
-def command() -> None:
+def command() -> NoReturn:
     """The process entry (``gpu-kquant``, ``python -m gpu_kquant``): :func:`main`, then exit.
 
-    After an interrupt every output write has finished and the report is closed, so the
-    process ends at once instead of waiting for a k-means batch nobody will use.
+    Every output write has finished and the report is closed by then, so the process skips
+    the interpreter's teardown (:func:`~gpu_kquant.process.exit_process`); after an interrupt
+    it also skips the exit handlers instead of waiting for a k-means batch nobody will use.
     """
     code = main()
-    if code == EXIT_INTERRUPTED:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    raise SystemExit(code)
+    exit_process(code, at_once=code == EXIT_INTERRUPTED)

@@ -6,12 +6,18 @@ program embedding gpu_kquant decides for itself whether to call it.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
+import sys
+import threading
 import warnings
+from typing import NoReturn
 
 import torch
 from PIL import Image
 
-__all__ = ["configure_process"]
+__all__ = ["configure_process", "exit_process"]
 
 
 def configure_process(*, max_pixels: int | None = None, single_threaded_torch: bool = False) -> None:
@@ -30,3 +36,28 @@ def configure_process(*, max_pixels: int | None = None, single_threaded_torch: b
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     if single_threaded_torch and torch.get_num_threads() != 1:
         torch.set_num_threads(1)
+
+
+def _flush(stream: object) -> None:
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # a closed pipe: nothing more can be said on it
+        stream.flush()  # type: ignore[attr-defined]
+
+
+def exit_process(code: int, *, at_once: bool = False) -> NoReturn:
+    """End this process with ``code``, skipping the interpreter's teardown of every module.
+
+    That teardown (freeing torch's modules and libraries) took 0.6 s of a 3.6 s one-image
+    CLI run on a 2-core Xeon (``python -c "import torch"``: 2.8-3.1 s, and 2.2-2.4 s when it
+    ends in ``os._exit``). The ``atexit`` handlers still run first (Ray's shutdown,
+    multiprocessing's and tempfile's clean-up), and while a thread that Python would wait for
+    is alive this is a plain ``SystemExit``. ``at_once`` skips both: the end of an interrupted
+    run, which must not wait for a k-means batch nobody will use.
+    """
+    if not at_once:
+        main = threading.main_thread()
+        if any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
+            raise SystemExit(code)
+        atexit._run_exitfuncs()  # what the interpreter would run at exit; it prints their errors
+    _flush(sys.stdout)
+    _flush(sys.stderr)
+    os._exit(code)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -43,3 +46,78 @@ def test_importing_the_package_changes_nothing() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
+
+
+class _Exited(Exception):
+    """Stands in for os._exit, which would end the test process."""
+
+
+@pytest.fixture
+def exits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the exit handlers' run and os._exit's code instead of doing them."""
+    import atexit
+    import os
+
+    calls: list[str] = []
+
+    def fake_exit(code: int) -> None:
+        calls.append(f"_exit {code}")
+        raise _Exited
+
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: calls.append("handlers"))
+    # Only the main thread (pytest-timeout's timer thread would otherwise count as one to wait for).
+    monkeypatch.setattr(threading, "enumerate", lambda: [threading.main_thread()])
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    return calls
+
+
+def test_exit_runs_the_exit_handlers_then_ends_with_the_code(exits: list[str]) -> None:
+    from gpu_kquant.process import exit_process
+
+    with pytest.raises(_Exited):
+        exit_process(3)
+    assert exits == ["handlers", "_exit 3"]
+
+
+def test_exit_at_once_skips_the_handlers(exits: list[str]) -> None:
+    from gpu_kquant.process import exit_process
+
+    with pytest.raises(_Exited):
+        exit_process(130, at_once=True)
+    assert exits == ["_exit 130"]
+
+
+def test_exit_waits_like_python_while_a_thread_is_alive(exits: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpu_kquant.process import exit_process
+
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait, daemon=False)
+    worker.start()
+    monkeypatch.setattr(threading, "enumerate", lambda: [threading.main_thread(), worker])
+    try:
+        with pytest.raises(SystemExit) as info:
+            exit_process(1)
+    finally:
+        release.set()
+        worker.join()
+    assert info.value.code == 1
+    assert exits == []
+
+
+def test_the_command_runs_exit_handlers_and_keeps_its_code(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from common_utils import ROOT
+
+    code = (
+        "import atexit, sys; atexit.register(print, 'handler ran', flush=True); "
+        "from gpu_kquant.cli import command; sys.argv = ['gpu-kquant', sys.argv[1]]; command()"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    missing = str(tmp_path / "missing.png")
+    result = subprocess.run([sys.executable, "-c", code, missing], capture_output=True, text=True, timeout=300, env=env)
+    assert "handler ran" in result.stdout
+    assert result.returncode == 2, result.stderr  # a missing input is a usage error
+    assert "missing.png" in result.stderr
