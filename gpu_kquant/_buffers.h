@@ -2,7 +2,8 @@
  * Buffer arguments of the C kernels (_kernels.c, _imagekernels.c): a C-contiguous buffer of
  * exactly `items` items of `itemsize` bytes (a numpy array or a CPU tensor's memory), or None.
  * get() fills a Buf and sets a ValueError naming the argument when the size is wrong;
- * release() gives back every buffer that was taken, whatever failed after it.
+ * release() gives back every buffer that was taken, whatever failed after it. get_all() takes
+ * n buffers described by n Specs, and on failure gives back those it took.
  */
 #ifndef GPU_KQUANT_BUFFERS_H
 #define GPU_KQUANT_BUFFERS_H
@@ -29,6 +30,23 @@ static int get(PyObject *obj, Buf *b, Py_ssize_t items, Py_ssize_t itemsize, int
 static void release(Buf *bufs, int n) {
     for (int i = 0; i < n; i++)
         if (bufs[i].held) PyBuffer_Release(&bufs[i].view);
+}
+
+typedef struct {
+    Py_ssize_t items, itemsize;
+    int writable;
+    const char *name;
+} Spec;
+
+static inline int get_all(PyObject *const *objs, Buf *bufs, const Spec *specs, int n) {
+    for (int i = 0; i < n; i++) bufs[i].held = 0;
+    for (int i = 0; i < n; i++) {
+        if (get(objs[i], &bufs[i], specs[i].items, specs[i].itemsize, specs[i].writable, specs[i].name) < 0) {
+            release(bufs, n);
+            return -1;
+        }
+    }
+    return 0;
 }
 
 #endif

@@ -83,11 +83,8 @@ static PyObject *py_noise_ramp(PyObject *self, PyObject *args) {
         return NULL;
     }
     Buf b[2];
-    memset(b, 0, sizeof b);
-    if (get(o[0], &b[0], h * w * d, 4, 0, "points") < 0 || get(o[1], &b[1], h * w, 4, 1, "out") < 0) {
-        release(b, 2);
-        return NULL;
-    }
+    const Spec specs[2] = {{h * w * d, 4, 0, "points"}, {h * w, 4, 1, "out"}};
+    if (get_all(o, b, specs, 2) < 0) return NULL;
     double *scratch = malloc(2 * (size_t)h * w * sizeof *scratch);
     if (!scratch) {
         release(b, 2);
@@ -184,12 +181,8 @@ static PyObject *py_local_variance(PyObject *self, PyObject *args) {
         return NULL;
     }
     Buf b[3];
-    memset(b, 0, sizeof b);
-    if (get(o[0], &b[0], h * w * d, 4, 0, "points") < 0 || get(o[1], &b[1], 2 * r + 1, 8, 0, "kernel") < 0 ||
-        get(o[2], &b[2], h * w, 4, 1, "out") < 0) {
-        release(b, 3);
-        return NULL;
-    }
+    const Spec specs[3] = {{h * w * d, 4, 0, "points"}, {2 * r + 1, 8, 0, "kernel"}, {h * w, 4, 1, "out"}};
+    if (get_all(o, b, specs, 3) < 0) return NULL;
     size_t ring_items = (size_t)(2 * r + 1) * w * (d + 1), map_items = (size_t)w * (d + 1);
     double *scratch = malloc((ring_items + 2 * map_items) * sizeof *scratch);
     Py_ssize_t *tags = malloc((size_t)(2 * r + 1) * sizeof *tags);
@@ -237,11 +230,8 @@ static PyObject *py_run_gate(PyObject *self, PyObject *args) {
         return NULL;
     }
     Buf b[2];
-    memset(b, 0, sizeof b);
-    if (get(o[0], &b[0], h * w, 8, 0, "labels") < 0 || get(o[1], &b[1], h * w, 4, 1, "out") < 0) {
-        release(b, 2);
-        return NULL;
-    }
+    const Spec specs[2] = {{h * w, 8, 0, "labels"}, {h * w, 4, 1, "out"}};
+    if (get_all(o, b, specs, 2) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
     run_gate(b[0].view.buf, b[1].view.buf, h, w);
     Py_END_ALLOW_THREADS
@@ -309,11 +299,8 @@ static PyObject *py_hard_edges(PyObject *self, PyObject *args) {
         return NULL;
     }
     Buf b[2];
-    memset(b, 0, sizeof b);
-    if (get(o[0], &b[0], h * w * d, 4, 0, "points") < 0 || get(o[1], &b[1], h * w, 1, 1, "out") < 0) {
-        release(b, 2);
-        return NULL;
-    }
+    const Spec specs[2] = {{h * w * d, 4, 0, "points"}, {h * w, 1, 1, "out"}};
+    if (get_all(o, b, specs, 2) < 0) return NULL;
     float *steps = malloc(sizeof(float) * 3 * (size_t)w);
     if (!steps) {
         release(b, 2);

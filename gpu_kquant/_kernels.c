@@ -642,19 +642,12 @@ static PyObject *py_lloyd(PyObject *self, PyObject *args) {
         return NULL;
     if (check_dims(b, n, k, d) < 0) return NULL;
     Buf v[14];
-    memset(v, 0, sizeof(v));
     Py_ssize_t bn = (Py_ssize_t)b * n;
-    const char *names[14] = {"points", "weights", "qx", "qw", "centroids", "n_eff", "tol", "scale_x", "scale_w",
-                             "labels", "d2", "n_iter", "converged", "stop"};
-    Py_ssize_t items[14] = {bn * d, bn, bn * d, bn, (Py_ssize_t)b * k * d, b, b, b, b, bn, bn, b, b, 1};
-    Py_ssize_t sizes[14] = {4, 4, 8, 8, 4, 8, 8, 8, 8, 8, 4, 8, 1, 1};
-    int writable[14] = {0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0};
-    for (int i = 0; i < 14; i++) {
-        if (get(o[i], &v[i], items[i], sizes[i], writable[i], names[i]) < 0) {
-            release(v, 14);
-            return NULL;
-        }
-    }
+    const Spec specs[14] = {{bn * d, 4, 0, "points"}, {bn, 4, 0, "weights"}, {bn * d, 8, 0, "qx"},
+                            {bn, 8, 0, "qw"}, {(Py_ssize_t)b * k * d, 4, 1, "centroids"}, {b, 8, 0, "n_eff"},
+                            {b, 8, 0, "tol"}, {b, 8, 0, "scale_x"}, {b, 8, 0, "scale_w"}, {bn, 8, 1, "labels"},
+                            {bn, 4, 1, "d2"}, {b, 8, 1, "n_iter"}, {b, 1, 1, "converged"}, {1, 1, 0, "stop"}};
+    if (get_all(o, v, specs, 14) < 0) return NULL;
     const volatile uint8_t *stop = v[13].held ? (const volatile uint8_t *)v[13].view.buf : NULL;
     int64_t *scratch = malloc(sizeof(int64_t) * ((size_t)k * (d + 1) + 2 * (size_t)n + (size_t)k + 1));
     float *newc = malloc(sizeof(float) * 2 * (size_t)k * d);

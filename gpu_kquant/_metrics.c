@@ -10,7 +10,6 @@
 #include <Python.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "_buffers.h"
 
@@ -63,11 +62,8 @@ static PyObject *py_rgb_error_sums(PyObject *self, PyObject *args) {
         return NULL;
     }
     Buf b[2];
-    memset(b, 0, sizeof b);
-    if (get(o[0], &b[0], h * w * 3, 1, 0, "src") < 0 || get(o[1], &b[1], h * w * 3, 1, 0, "dst") < 0) {
-        release(b, 2);
-        return NULL;
-    }
+    const Spec specs[2] = {{h * w * 3, 1, 0, "src"}, {h * w * 3, 1, 0, "dst"}};
+    if (get_all(o, b, specs, 2) < 0) return NULL;
     int32_t *rows = malloc(sizeof(int32_t) * 4 * (size_t)w * 3);
     if (!rows) {
         release(b, 2);
