@@ -27,15 +27,17 @@ def cli(
     *args: object, timeout: float = 300, drop_env: tuple[str, ...] = (), **kwargs: object
 ) -> subprocess.CompletedProcess:
     """Run ``python -m gpu_kquant ARGS`` from this checkout, as a user would."""
+    return python("-m", "gpu_kquant", *args, timeout=timeout, drop_env=drop_env, **kwargs)
+
+
+def python(
+    *args: object, timeout: float = 300, drop_env: tuple[str, ...] = (), **kwargs: object
+) -> subprocess.CompletedProcess:
+    """Run ``python ARGS`` in a fresh interpreter that imports gpu_kquant from this checkout."""
     env = {k: v for k, v in os.environ.items() if k not in drop_env}
     env["PYTHONPATH"] = str(ROOT)
     return subprocess.run(
-        [sys.executable, "-m", "gpu_kquant", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        **kwargs,
+        [sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, **kwargs
     )
 
 

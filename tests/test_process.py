@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
+import os
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from common_utils import python
 from PIL import Image
 
-from gpu_kquant.process import configure_process
+from gpu_kquant.process import configure_process, exit_process
 
 
 def test_raises_pillows_limit_never_lowers_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -32,19 +35,12 @@ def test_single_threaded_torch_only_when_asked() -> None:
 
 
 def test_importing_the_package_changes_nothing() -> None:
-    import os
-    import subprocess
-    import sys
-
-    from common_utils import ROOT
-
     code = (
         "import os, torch; from PIL import Image; before = (Image.MAX_IMAGE_PIXELS, torch.get_num_threads()); "
         "import gpu_kquant.cli, gpu_kquant.engine_local, gpu_kquant.imagefiles; "
         "assert (Image.MAX_IMAGE_PIXELS, torch.get_num_threads()) == before"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    result = python("-c", code)
     assert result.returncode == 0, result.stderr
 
 
@@ -55,9 +51,6 @@ class _Exited(Exception):
 @pytest.fixture
 def exits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record the exit handlers' run and os._exit's code instead of doing them."""
-    import atexit
-    import os
-
     calls: list[str] = []
 
     def fake_exit(code: int) -> None:
@@ -72,24 +65,18 @@ def exits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def test_exit_runs_the_exit_handlers_then_ends_with_the_code(exits: list[str]) -> None:
-    from gpu_kquant.process import exit_process
-
     with pytest.raises(_Exited):
         exit_process(3)
     assert exits == ["handlers", "_exit 3"]
 
 
 def test_exit_at_once_skips_the_handlers(exits: list[str]) -> None:
-    from gpu_kquant.process import exit_process
-
     with pytest.raises(_Exited):
         exit_process(130, at_once=True)
     assert exits == ["_exit 130"]
 
 
 def test_exit_waits_like_python_while_a_thread_is_alive(exits: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from gpu_kquant.process import exit_process
-
     release = threading.Event()
     worker = threading.Thread(target=release.wait, daemon=False)
     worker.start()
@@ -105,19 +92,11 @@ def test_exit_waits_like_python_while_a_thread_is_alive(exits: list[str], monkey
 
 
 def test_the_command_runs_exit_handlers_and_keeps_its_code(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
-    from common_utils import ROOT
-
     code = (
         "import atexit, sys; atexit.register(print, 'handler ran', flush=True); "
         "from gpu_kquant.cli import command; sys.argv = ['gpu-kquant', sys.argv[1]]; command()"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    missing = str(tmp_path / "missing.png")
-    result = subprocess.run([sys.executable, "-c", code, missing], capture_output=True, text=True, timeout=300, env=env)
+    result = python("-c", code, tmp_path / "missing.png")
     assert "handler ran" in result.stdout
     assert result.returncode == 2, result.stderr  # a missing input is a usage error
     assert "missing.png" in result.stderr
