@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 import warnings
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 import torch
 from PIL import Image
@@ -38,9 +38,11 @@ def configure_process(*, max_pixels: int | None = None, single_threaded_torch: b
         torch.set_num_threads(1)
 
 
-def _flush(stream: object) -> None:
-    with contextlib.suppress(OSError, ValueError, AttributeError):  # a closed pipe: nothing more can be said on it
-        stream.flush()  # type: ignore[attr-defined]
+def _flush(stream: TextIO | None) -> None:
+    """Flush a standard stream; None (no console) or a closed pipe: nothing more can be said on it."""
+    if stream is not None:
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
 
 
 def exit_process(code: int, *, at_once: bool = False) -> NoReturn:
